@@ -1,0 +1,470 @@
+"""Validate, normalise and hash one downloaded image body.
+
+Plain Python (no Celery): :func:`normalise_image` takes the raw bytes of an
+HTTP response and either returns a :class:`NormalisedImage` (an RGB JPEG plus
+its content hash and perceptual hash) or raises :class:`ImageRejected` with a
+machine-readable ``reason`` (one of :data:`REASONS`) and human ``detail``.
+No other exception escapes for any input bytes.
+
+Pipeline, in order:
+
+1. ``empty``            -- zero-length body.
+2. Magic-byte sniffing, before any decoder runs.  Only bodies whose leading
+   bytes match a format on the allow-list (JPEG, PNG/APNG, GIF, WebP, BMP,
+   TIFF, ICO, AVIF, and HEIF only when a HEIF plug-in is registered with
+   Pillow) are handed to Pillow, and Pillow is restricted to that one format
+   (``Image.open(..., formats=[...])``), so no other parser ever sees
+   untrusted bytes.
+     * ``html``          -- markup that looks like an HTML page (leading
+       whitespace / byte-order marks skipped): ``<!doctype html``, ``<html``,
+       ``<head``, ``<body``, ``<script``, ``<meta``, ``<div`` ...
+     * ``svg``           -- ``<svg``, ``<!doctype svg``, or ``<?xml`` /
+       comment prologue followed by an ``<svg`` element.
+     * ``unsupported_format`` -- a recognised image format that we do not
+       decode: HEIC/HEIF (unless a plug-in is registered), JPEG 2000,
+       JPEG XL, PSD, EPS/PostScript, ICNS, QOI, DDS, XCF, BPG, JPEG XR; also
+       AVIF when this Pillow build cannot decode it, and images whose pixel
+       mode cannot be converted to RGB.
+     * ``not_an_image``  -- anything else (random bytes, JSON, XML, PDF,
+       video ...).
+   ICO files are accepted (the largest embedded icon is used); most are
+   smaller than ``min_side`` anyway and end up ``too_small``.
+3. Header parse (``Image.open``) under a local ``warnings.catch_warnings``
+   that turns Pillow's ``DecompressionBombWarning`` into an error.
+     * ``decompression_bomb`` -- declared ``width * height > max_pixels``
+       (checked from the header, before any pixel is decoded), or Pillow's
+       own ``DecompressionBombWarning``/``DecompressionBombError``, or a PNG
+       text chunk that decompresses beyond Pillow's limit.
+     * ``too_small``     -- shorter side < ``min_side`` (the shorter side does
+       not change under EXIF rotation, so this is decided from the header);
+       also when downscaling a very elongated image would leave the stored
+       image with a shorter side < ``min_side``.
+4. Full decode of the first frame (animated GIF/WebP/APNG: first frame only).
+   ``ImageFile.LOAD_TRUNCATED_IMAGES`` is never touched.
+     * ``truncated``     -- the data ends before the image does (Pillow's
+       ``OSError("image file is truncated ...")`` / ``"Truncated File Read"``,
+       or an ``EOFError``).
+     * ``decode_error``  -- any other failure to parse or decode a body whose
+       magic bytes matched a supported format (corrupt header, bad
+       compressed stream, ...).
+5. Mode conversion to RGB: CMYK/YCbCr/1/L -> RGB, P with transparency ->
+   RGBA, alpha (LA/RGBA/PA/La/RGBa) composited onto white, 16-bit and 32-bit
+   greyscale (I;16*, I, F) scaled linearly to 8 bits (65535 -> 255; integer
+   images whose values all fit in 0..255 are kept as they are, float images
+   in 0..1 are multiplied by 255, anything outside 0..65535 is min-max
+   stretched) -- never clipped.
+6. Downscale with LANCZOS so the longest side is <= ``max_side`` (never
+   upscale).  JPEGs use ``draft()`` first (DCT scaling by a power of two,
+   always to a size >= the target).
+7. EXIF orientation applied (same mapping as ``ImageOps.exif_transpose``; it
+   is applied to the already-downscaled image, which is equivalent and
+   cheaper).  A corrupt EXIF block is logged and ignored (the image is kept
+   unrotated) rather than rejecting an otherwise good picture.
+8. Encoded as baseline JPEG, quality ``quality`` (90), ``optimize=False``,
+   without EXIF, ICC, XMP or comments.  ``sha256`` is over these bytes;
+   ``phash`` is ``imagehash.phash`` (64-bit, 16 hex digits) of the final image,
+   computed from a 32x32 greyscale thumbnail.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import re
+import threading
+import warnings
+from dataclasses import dataclass
+
+import imagehash
+import numpy as np
+from PIL import Image
+
+log = logging.getLogger(__name__)
+
+REASONS: tuple[str, ...] = (
+    "empty",
+    "html",
+    "svg",
+    "not_an_image",
+    "unsupported_format",
+    "decompression_bomb",
+    "truncated",
+    "decode_error",
+    "too_small",
+)
+
+
+class ImageRejected(Exception):
+    """The body is not stored. ``reason`` is one of :data:`REASONS`."""
+
+    def __init__(self, reason: str, detail: str):
+        if reason not in REASONS:  # programming error, keep the contract honest
+            raise ValueError(f"unknown reject reason {reason!r}")
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+    def __reduce__(self):  # picklable across Celery / multiprocessing
+        return (type(self), (self.reason, self.detail))
+
+
+@dataclass(frozen=True)
+class NormalisedImage:
+    data: bytes  # JPEG of the RGB image
+    sha256: str  # hex sha256 of ``data``
+    phash: str  # imagehash.phash hex string of the normalised image
+    width: int
+    height: int
+    source_format: str  # Pillow format of the input, e.g. "JPEG", "PNG", "WEBP"
+    source_width: int
+    source_height: int
+
+
+# ---------------------------------------------------------------------------
+# Sniffing
+# ---------------------------------------------------------------------------
+
+_AVIF_BRANDS = {b"avif", b"avis"}
+_HEIF_BRANDS = {b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"hevm", b"hevs", b"mif1", b"msf1"}
+
+# Recognised image formats we do not decode (magic prefix -> name).
+_UNSUPPORTED_MAGIC: tuple[tuple[bytes, str], ...] = (
+    (b"\x00\x00\x00\x0cjP  \r\n\x87\n", "JPEG 2000"),
+    (b"\xff\x4f\xff\x51", "JPEG 2000 codestream"),
+    (b"\x00\x00\x00\x0cJXL \r\n\x87\n", "JPEG XL"),
+    (b"\xff\x0a", "JPEG XL codestream"),
+    (b"8BPS", "Photoshop PSD"),
+    (b"%!PS", "PostScript/EPS"),
+    (b"\xc5\xd0\xd3\xc6", "EPS"),
+    (b"icns", "ICNS"),
+    (b"qoif", "QOI"),
+    (b"DDS ", "DDS"),
+    (b"gimp xcf", "GIMP XCF"),
+    (b"BPG\xfb", "BPG"),
+    (b"II\xbc", "JPEG XR"),
+)
+
+_WS = b" \t\r\n\f\x00"
+_HTML_START = re.compile(
+    r"<(?:!doctype\s+html|html|head|body|meta|title|script|noscript|link|style|div|span|iframe|"
+    r"table|form|center|pre|img|br|p|a|h[1-6])(?=[\s>/])"
+)
+_SVG_START = re.compile(r"<(?:svg|!doctype\s+svg)(?=[\s>/])")
+_SVG_ANY = re.compile(r"<svg(?=[\s>/])")
+_HTML_ANY = re.compile(r"<(?:!doctype\s+html|html|head|body)(?=[\s>/])")
+
+
+def _registered(fmt: str) -> bool:
+    Image.init()  # idempotent; makes sure every bundled plug-in is registered
+    return fmt in Image.OPEN
+
+
+def _sniff_binary(body: bytes) -> tuple[str | None, str | None]:
+    """Return (pillow_format, None) for an allowed format, (None, name) for a
+    recognised unsupported one, (None, None) when no image magic matched."""
+    head = body[:32]
+    if head.startswith(b"\xff\xd8\xff"):
+        return "JPEG", None
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "PNG", None
+    if head[:6] in (b"GIF87a", b"GIF89a"):
+        return "GIF", None
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "WEBP", None
+    if head[:2] == b"BM" and len(body) >= 26:
+        return "BMP", None
+    if head[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
+        return "TIFF", None
+    if head[:4] == b"\x00\x00\x01\x00" and len(body) >= 22:
+        return "ICO", None
+    if head[4:8] == b"ftyp":
+        box_size = int.from_bytes(head[:4], "big")
+        box_end = min(max(box_size, 16), 256, len(body))
+        brands = {body[8:12]} | {body[i : i + 4] for i in range(16, box_end - 3, 4)}
+        if brands & _AVIF_BRANDS:
+            return ("AVIF", None) if _registered("AVIF") else (None, "AVIF (no AVIF decoder in this Pillow)")
+        if brands & _HEIF_BRANDS:
+            return ("HEIF", None) if _registered("HEIF") else (None, "HEIC/HEIF")
+        return None, None  # MP4/MOV/3GP ... : not an image
+    for magic, name in _UNSUPPORTED_MAGIC:
+        if head.startswith(magic):
+            return None, name
+    return None, None
+
+
+def _sniff_text(body: bytes) -> str | None:
+    """'html' / 'svg' / None for markup bodies."""
+    head = body[:4096]
+    if head.startswith((b"\xff\xfe", b"\xfe\xff")):
+        text = head.decode("utf-16", errors="replace")
+    else:
+        if head.startswith(b"\xef\xbb\xbf"):
+            head = head[3:]
+        text = head.decode("latin-1")
+    text = text.lstrip("\ufeff \t\r\n\f\x00").lower()
+    if not text.startswith("<"):
+        return None
+    if _SVG_START.match(text):
+        return "svg"
+    if _HTML_START.match(text):
+        return "html"
+    if text.startswith(("<?xml", "<!--", "<!doctype")):
+        svg = _SVG_ANY.search(text)
+        html = _HTML_ANY.search(text)
+        if svg and (not html or svg.start() < html.start()):
+            return "svg"
+        if html:
+            return "html"
+    return None
+
+
+# ---------------------------------------------------------------------------
+# Decoding helpers
+# ---------------------------------------------------------------------------
+
+# warnings.catch_warnings() swaps the process-global filter list, which is not
+# thread-safe; serialise our (short, header-only) use of it.
+_WARNINGS_LOCK = threading.Lock()
+
+_TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
+def _describe(exc: BaseException) -> str:
+    msg = str(exc).strip()
+    msg = msg if len(msg) <= 300 else msg[:300] + "..."
+    return f"{type(exc).__name__}: {msg}" if msg else type(exc).__name__
+
+
+def _is_truncation(exc: BaseException) -> bool:
+    if isinstance(exc, EOFError):
+        return True
+    return isinstance(exc, OSError) and "truncated" in str(exc).lower()
+
+
+def _is_bomb(exc: BaseException) -> bool:
+    if isinstance(exc, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
+        return True
+    # PNG text/ICC chunks: "Decompressed data too large for PngImagePlugin.MAX_TEXT_CHUNK"
+    return isinstance(exc, ValueError) and "decompressed data too large" in str(exc).lower()
+
+
+def _map_decode_exception(exc: Exception, stage: str, fmt: str) -> ImageRejected:
+    if isinstance(exc, Image.UnidentifiedImageError):  # its message only names the BytesIO
+        return ImageRejected("decode_error", f"{fmt} signature present but Pillow cannot parse the {stage}")
+    if _is_bomb(exc):
+        return ImageRejected("decompression_bomb", f"{fmt} {stage}: {_describe(exc)}")
+    if _is_truncation(exc):
+        return ImageRejected("truncated", f"{fmt} data ends early ({stage}): {_describe(exc)}")
+    if isinstance(exc, MemoryError):
+        return ImageRejected("decode_error", f"{fmt} {stage}: out of memory")
+    return ImageRejected("decode_error", f"{fmt} {stage} failed: {_describe(exc)}")
+
+
+def _open(body: bytes, fmt: str) -> Image.Image:
+    with _WARNINGS_LOCK, warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        return Image.open(io.BytesIO(body), formats=[fmt])
+
+
+def _scale_to_8bit(img: Image.Image) -> Image.Image:
+    """I;16*, I, F greyscale -> L, linear scaling, never clipping to white."""
+    if img.mode.startswith("I;16"):
+        arr = np.asarray(img).astype(np.uint32)  # handles the B/L/N variants
+        out = ((arr * 255 + 32767) // 65535).astype(np.uint8)
+        return Image.fromarray(out, "L")
+    arr = np.asarray(img, dtype=np.float64)
+    finite = np.isfinite(arr)
+    if not finite.all():
+        arr = np.where(finite, arr, 0.0)
+    lo, hi = (float(arr.min()), float(arr.max())) if arr.size else (0.0, 0.0)
+    if img.mode == "F" and lo >= 0.0 and hi <= 1.0:
+        scaled = arr * 255.0
+    elif lo >= 0.0 and hi <= 255.0:
+        scaled = arr
+    elif lo >= 0.0 and hi <= 65535.0:
+        scaled = arr * (255.0 / 65535.0)
+    else:  # signed or > 16-bit data: stretch the actual range
+        scaled = (arr - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(arr)
+    return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8), "L")
+
+
+def _to_working_mode(img: Image.Image) -> Image.Image:
+    """Return an image in one of L, LA, RGB, RGBA."""
+    mode = img.mode
+    if mode in ("L", "RGB") and "transparency" in img.info:  # PNG tRNS: one transparent colour
+        return img.convert(mode + "A")
+    if mode in ("L", "LA", "RGB", "RGBA"):
+        return img
+    if mode == "1":
+        return img.convert("L")
+    if mode == "P":
+        return img.convert("RGBA" if img.has_transparency_data else "RGB")
+    if mode in ("PA", "RGBa"):
+        return img.convert("RGBA")
+    if mode == "La":
+        return img.convert("LA")
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        return _scale_to_8bit(img)
+    try:
+        return img.convert("RGB")  # CMYK, YCbCr, RGBX, LAB, HSV ...
+    except (ValueError, OSError) as exc:
+        raise ImageRejected("unsupported_format", f"pixel mode {mode} cannot be converted to RGB: {_describe(exc)}")
+
+
+def _flatten_to_rgb(img: Image.Image) -> Image.Image:
+    """L/LA/RGB/RGBA -> RGB, alpha composited onto white."""
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode == "L":
+        return img.convert("RGB")
+    if mode == "LA":
+        bg = Image.new("L", img.size, 255)
+        bg.paste(img.getchannel("L"), mask=img.getchannel("A"))
+        return bg.convert("RGB")
+    if mode == "RGBA":
+        bg = Image.new("RGB", img.size, (255, 255, 255))
+        bg.paste(img, mask=img.getchannel("A"))
+        return bg
+    return img.convert("RGB")
+
+
+def _orientation(img: Image.Image) -> int:
+    try:
+        value = img.getexif().get(0x0112, 1)
+    except Exception as exc:  # corrupt EXIF must not cost us the picture
+        log.debug("ignoring unreadable EXIF (%s)", _describe(exc))
+        return 1
+    return value if isinstance(value, int) else 1
+
+
+def _target_size(w: int, h: int, max_side: int) -> tuple[int, int]:
+    longest = max(w, h)
+    if longest <= max_side:
+        return w, h
+    s = max_side / longest
+    if w >= h:
+        return max_side, max(1, round(h * s))
+    return max(1, round(w * s)), max_side
+
+
+def _phash(img: Image.Image) -> str:
+    thumb = img.convert("L").resize((32, 32), Image.Resampling.LANCZOS, reducing_gap=2.0)
+    return str(imagehash.phash(thumb))
+
+
+# ---------------------------------------------------------------------------
+# Public entry point
+# ---------------------------------------------------------------------------
+
+
+def normalise_image(
+    body: bytes,
+    *,
+    max_side: int = 500,
+    min_side: int = 32,
+    max_pixels: int = 40_000_000,
+    quality: int = 90,
+) -> NormalisedImage:
+    """Validate ``body`` and return it as a normalised RGB JPEG.
+
+    Raises :class:`ImageRejected` (and nothing else) when the body cannot or
+    must not be stored.
+    """
+    if body is None:
+        raise ImageRejected("empty", "no body (None)")
+    try:
+        if not isinstance(body, bytes):
+            body = bytes(body)  # bytearray / memoryview
+        return _normalise(body, max_side, min_side, max_pixels, quality)
+    except ImageRejected:
+        raise
+    except Exception as exc:  # boundary: anything unexpected is a decode failure
+        log.warning("unexpected error while normalising an image: %s", _describe(exc), exc_info=True)
+        raise ImageRejected("decode_error", f"unexpected {_describe(exc)}") from None
+
+
+def _normalise(body: bytes, max_side: int, min_side: int, max_pixels: int, quality: int) -> NormalisedImage:
+    if not body:
+        raise ImageRejected("empty", "the body is empty (0 bytes)")
+
+    fmt, unsupported = _sniff_binary(body)
+    if fmt is None:
+        if unsupported is not None:
+            raise ImageRejected("unsupported_format", f"{unsupported} images are not supported")
+        kind = _sniff_text(body)
+        if kind == "html":
+            raise ImageRejected("html", "the body is an HTML page, not an image")
+        if kind == "svg":
+            raise ImageRejected("svg", "the body is an SVG (vector) image, which is not decoded")
+        raise ImageRejected("not_an_image", f"no known image signature in the first bytes ({body[:8].hex()})")
+
+    # --- header -----------------------------------------------------------
+    try:
+        img = _open(body, fmt)
+    except Exception as exc:
+        raise _map_decode_exception(exc, "header", fmt) from None
+
+    with img:
+        source_format = img.format or fmt
+        sw, sh = img.size
+        if sw <= 0 or sh <= 0:
+            raise ImageRejected("decode_error", f"{source_format} declares an empty size {sw}x{sh}")
+        if sw * sh > max_pixels:
+            raise ImageRejected(
+                "decompression_bomb",
+                f"{source_format} declares {sw}x{sh} = {sw * sh} pixels, more than the limit of {max_pixels}",
+            )
+        if min(sw, sh) < min_side:
+            raise ImageRejected("too_small", f"{sw}x{sh}: shorter side is below {min_side} px")
+        tw, th = _target_size(sw, sh, max_side)
+        if min(tw, th) < min_side:
+            raise ImageRejected(
+                "too_small",
+                f"{sw}x{sh} downscaled to {tw}x{th} would have a shorter side below {min_side} px",
+            )
+
+        # --- pixels -------------------------------------------------------
+        try:
+            if source_format in ("JPEG", "MPO") and (tw, th) != (sw, sh):
+                img.draft("RGB", (tw, th))  # DCT scaling; result stays >= (tw, th)
+            img.load()
+        except Exception as exc:
+            raise _map_decode_exception(exc, "decode", source_format) from None
+
+        orientation = _orientation(img)
+        work = _to_working_mode(img)
+        if work.size != (tw, th):
+            work = work.resize((tw, th), Image.Resampling.LANCZOS, reducing_gap=3.0)
+        rgb = _flatten_to_rgb(work)
+        method = _TRANSPOSE.get(orientation)
+        if method is not None:
+            rgb = rgb.transpose(method)
+
+        # Encode while ``img`` is still open: ``rgb`` may be ``img`` itself.
+        rgb.info.clear()  # no EXIF, ICC, XMP or comment in the output
+        buf = io.BytesIO()
+        rgb.save(buf, "JPEG", quality=quality, optimize=False)
+        data = buf.getvalue()
+        phash = _phash(rgb)
+        width, height = rgb.size
+
+    return NormalisedImage(
+        data=data,
+        sha256=hashlib.sha256(data).hexdigest(),
+        phash=phash,
+        width=width,
+        height=height,
+        source_format=source_format,
+        source_width=sw,
+        source_height=sh,
+    )
