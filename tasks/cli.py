@@ -117,6 +117,9 @@ def cmd_demo(args) -> int:
         except Exception as exc:
             console.print(f"[red]collect_breeds failed: {exc}[/]")
             return 1
+        finally:
+            res.forget()
+            del res
         return follow(started["dataset"], timeout=args.timeout)
 
 

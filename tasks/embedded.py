@@ -64,8 +64,10 @@ class Cluster:
 
     def _spawn(self, name: str, cmd: list[str], **kw) -> subprocess.Popen:
         log = open(self.workdir / f"{name}.log", "ab")
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=kw.pop("env", self.env), stdout=kw.pop("stdout", log),
-                                stderr=subprocess.STDOUT, start_new_session=True, **kw)
+        stdout = kw.pop("stdout", log)
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=kw.pop("env", self.env), stdout=stdout,
+                                stderr=log if stdout is subprocess.PIPE else subprocess.STDOUT,
+                                start_new_session=True, **kw)
         self.procs.append((name, proc))
         return proc
 
@@ -84,8 +86,8 @@ class Cluster:
 
     def start_replay(self, api_key: str, *, image_delay: float = 0.0, host: str = "127.0.0.1") -> str:
         proc = self._spawn("replay", [sys.executable, "-m", "workers.replay", "--host", host, "--port", "0",
-                                      "--api-key-env", "SERPAPI_API_KEY", "--image-delay", str(image_delay)],
-                           stdout=subprocess.PIPE, env={**self.env, "SERPAPI_API_KEY": api_key})
+                                      "--image-delay", str(image_delay)],
+                           stdout=subprocess.PIPE, env={**self.env, "ATSCALE_REPLAY_API_KEY": api_key})
         line = proc.stdout.readline().decode()
         if not line:
             raise RuntimeError(f"replay service did not start; see {self.workdir / 'replay.log'}")
