@@ -32,7 +32,7 @@ worker: $(STAMP)
 	$(BIN)/celery -A tasks worker -Q search,download -c $${CONCURRENCY:-4} -n download@%h -E --loglevel INFO
 
 gpu-worker: $(STAMP)
-	$(BIN)/celery -A tasks worker -Q gpu -c 1 --pool solo -n gpu$${CUDA_VISIBLE_DEVICES:-0}@%h -E --loglevel INFO
+	$(BIN)/celery -A tasks worker -Q gpu -c 1 --pool threads -n gpu$${CUDA_VISIBLE_DEVICES:-0}@%h -E --loglevel INFO
 
 flower: $(STAMP)
 	@test -n "$$FLOWER_BASIC_AUTH" || { echo "set FLOWER_BASIC_AUTH=user:password"; exit 1; }

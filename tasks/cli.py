@@ -101,7 +101,7 @@ def cmd_demo(args) -> int:
 
         get_settings.cache_clear()
         cluster.start_worker("download", "search,download", concurrency=2)
-        cluster.start_worker("gpu", "gpu", concurrency=1, pool="solo")
+        cluster.start_worker("gpu", "gpu", concurrency=1, pool="threads")
         from tasks.celery import app
 
         cluster.wait_workers(["download", "gpu"], timeout=120)
@@ -111,19 +111,14 @@ def cmd_demo(args) -> int:
             kwargs["queries"] = args.queries
         if args.dataset:
             kwargs["dataset"] = args.dataset
+        from tasks.request import parse_request
+
+        dataset = parse_request(kwargs).dataset  # checked here, before anything is queued
         res = app.send_task("collect_breeds", kwargs=kwargs)
-        try:
-            started = res.get(timeout=120)
-        except Exception as exc:
-            console.print(f"[red]collect_breeds failed: {exc}[/]")
-            return 1
-        finally:
-            res.forget()
-            del res
-        return follow(started["dataset"], timeout=args.timeout)
+        return follow(dataset, timeout=args.timeout, entry=res)
 
 
-def follow(dataset: str, timeout: float) -> int:
+def follow(dataset: str, timeout: float, entry=None) -> int:
     """Show progress until the dataset is done or failed, then print report and metrics."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -138,6 +133,9 @@ def follow(dataset: str, timeout: float) -> int:
         epochs = prog.add_task("training epochs", total=None, visible=False)
         while time.time() < end:
             st = read_status(store, dataset) or {}
+            if not st and entry is not None and entry.state == "FAILURE":
+                console.print(f"[red]collect_breeds failed: {entry.result}[/]")
+                return 1
             prog.update(pages, completed=pages_done(store, dataset), total=st.get("pages_total"))
             if st.get("run"):
                 rec = store.get_json_or(f"runs/{st['run']}/record.json") or {}

@@ -103,8 +103,9 @@ class Cluster:
         return self._spawn(name, cmd, env={**self.env, **(env or {})})
 
     def wait_workers(self, names: list[str], timeout: float = 60.0) -> None:
-        from tasks.celery import app
+        from celery import Celery
 
+        app = Celery(broker=self.env.get("CELERY_BROKER_URL"))
         end = time.time() + timeout
         while time.time() < end:
             try:

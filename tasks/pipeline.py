@@ -83,10 +83,17 @@ def collect_breeds(self, **kwargs) -> dict:
 def resolve_query(self, dataset: str, query: str) -> dict:
     store = get_store()
     req = parse_request(store.get_json(request_key(dataset)))
-    tok = search_client(req.engine).resolve_token(
-        query, req.chips_name, size=req.size, google_domain=req.google_domain, no_cache=req.no_cache,
-        on_missing=req.on_missing_chip)
-    out = tok.to_dict()
+    try:
+        tok = search_client(req.engine).resolve_token(
+            query, req.chips_name, size=req.size, google_domain=req.google_domain, no_cache=req.no_cache,
+            on_missing=req.on_missing_chip)
+        out = tok.to_dict()
+    except SearchError as exc:
+        if exc.reason != "no_results":
+            raise  # the dataset fails with SerpApi's message (DatasetTask.on_failure)
+        # asked twice, still nothing: the class is reported empty, the others go on
+        out = {"query": query, "token_param": None, "token": None, "empty": True, "suggestions": [],
+               "note": f"class is empty: {exc.message} (asked twice)"}
     out["label"] = slugify(query)
     store.put_json(f"datasets/{dataset}/search/{out['label']}.json", out)
     return out
@@ -98,7 +105,7 @@ def plan_pages(self, tokens: list[dict], dataset: str) -> dict:
     req = parse_request(store.get_json(request_key(dataset)))
     header = []
     for t in tokens:
-        if t["token"] is None and req.on_missing_chip == "skip":
+        if t.get("empty") or (t["token"] is None and req.on_missing_chip == "skip"):
             continue
         for ijn in range(req.pages):
             header.append(download_page.s(dataset, t["query"], t["label"], t["token_param"], t["token"], ijn))
