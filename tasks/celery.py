@@ -15,7 +15,7 @@ VISIBILITY_TIMEOUT = 12 * 3600
 
 settings = get_settings()
 app = Celery("atscale", broker=settings.broker_url, backend=settings.result_backend_url(),
-             include=["tasks.pipeline"])
+             include=["tasks.pipeline", "tasks.sweep"])
 app.conf.update(
     task_serializer="json",
     result_serializer="json",

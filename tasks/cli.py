@@ -20,6 +20,9 @@ from rich.console import Console
 
 console = Console()
 
+# modules that add sub-commands of their own, each with `register(subparsers)`
+COMMAND_MODULES: tuple[str, ...] = ()
+
 
 def _store():
     from workers.store import open_store
@@ -192,6 +195,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--host", default="127.0.0.1")
     r.add_argument("--port", type=int, default=8765)
     r.set_defaults(fn=cmd_replay)
+
+    import importlib
+
+    for name in COMMAND_MODULES:  # each adds its own sub-commands: register(subparsers)
+        importlib.import_module(name).register(sub)
     return p
 
 

@@ -5,27 +5,37 @@ collect_breeds -> chord(resolve_query per query) -> plan_pages
 
 Arguments and results are small JSON: names, counts, tokens. Never image bytes,
 never the API key (workers read it from their environment).
+
+Under faults (README "Faults"): every task is idempotent; page, finalize and train
+task ids are deterministic; the chord is the trigger, and a page latch in Redis plus
+the sweep (tasks/sweep.py) finish a dataset whose trigger never came; a lease makes
+one training per dataset version; a delivery counter stops a poison task.
 """
 from __future__ import annotations
 
 import logging
+import time
+import uuid
 from functools import lru_cache
 
+import redis
 from celery import Task, chord
 
 from tasks.celery import app
 from tasks.request import parse_request
+from workers import coordination as co
 from workers.dataset import finalize
 from workers.fetch import Fetcher
 from workers.names import slugify
-from workers.page import PageSpec, download_page as run_page
+from workers.page import PageSpec, download_page as run_page, shard_key
 from workers.search import SearchError, SerpApiClient
 from workers.settings import get_settings
-from workers.status import mark_failed, read_status, set_status
+from workers.status import FINAL_STATES, mark_failed, read_status, set_status
 from workers.store import ObjectStore, StoreError, open_store
 from workers.train import TrainSpec, run_key, run_name, train_run
 
 log = logging.getLogger(__name__)
+ACTIVE = co.PREFIX + "active-datasets"
 
 
 @lru_cache(maxsize=1)
@@ -39,6 +49,10 @@ def get_fetcher() -> Fetcher:
     return Fetcher(user_agent=s.user_agent, pool_size=s.download_threads)
 
 
+def get_redis() -> redis.Redis:
+    return co.client(get_settings().result_backend_url())
+
+
 def search_client(engine: str) -> SerpApiClient:
     s = get_settings()
     key = s.serpapi_api_key.get_secret_value() if s.serpapi_api_key else None
@@ -49,9 +63,48 @@ def request_key(dataset: str) -> str:
     return f"datasets/{dataset}/request.json"
 
 
+def plan_key(dataset: str) -> str:
+    return f"datasets/{dataset}/plan.json"
+
+
+def page_task_id(dataset: str, label: str, ijn: int) -> str:
+    return f"page-{dataset}-{label}-{ijn}"
+
+
+def touch_progress(dataset: str) -> None:
+    get_redis().set(f"{co.PREFIX}progress:{dataset}", time.time(), ex=30 * co.DAY)
+
+
 class DatasetTask(Task):
-    """Tasks whose first argument is the dataset: any unexpected failure marks the
-    dataset failed with the exception's message (the rest of the cluster goes on)."""
+    """Tasks whose first argument is the dataset.
+
+    - a store or Redis outage is retried with exponential backoff and jitter;
+    - a task delivered more than ATSCALE_MAX_DELIVERIES times (its worker died each
+      time) is not run again: `on_poison` records why;
+    - any other failure marks the dataset failed with the exception's message
+      (the rest of the cluster goes on)."""
+
+    autoretry_for = (StoreError, redis.ConnectionError, redis.TimeoutError)
+    retry_backoff = 2
+    retry_backoff_max = 60
+    retry_jitter = True
+    max_retries = 10
+
+    def __call__(self, *args, **kwargs):
+        req = self.request
+        if req.id and not req.called_directly:
+            n = co.count_delivery(get_redis(), f"{req.id}:{req.retries}")
+            if n > get_settings().max_deliveries:
+                dataset = kwargs.get("dataset") or (args[0] if args else None)
+                log.error("task %s delivered %d times; not running it again", req.id, n)
+                return self.on_poison(dataset, n, *args, **kwargs)
+        return super().__call__(*args, **kwargs)
+
+    def on_poison(self, dataset, deliveries, *args, **kwargs):
+        if dataset:
+            mark_failed(get_store(), dataset, f"{self.name} was delivered {deliveries} times (its worker died "
+                                              f"each time); stopped so that it cannot loop")
+        return {"poison": True, "deliveries": deliveries}
 
     def on_failure(self, exc, task_id, args, kwargs, einfo):
         dataset = kwargs.get("dataset") or (args[0] if args else None)
@@ -60,23 +113,47 @@ class DatasetTask(Task):
         try:
             msg = exc.message if isinstance(exc, SearchError) else f"{type(exc).__name__}: {exc}"
             mark_failed(get_store(), dataset, f"{self.name} failed: {msg}")
-        except Exception:  # the store itself may be what failed; the task's own failure is logged by Celery
+            get_redis().srem(ACTIVE, dataset)
+        except Exception:  # the store itself may be what failed; Celery logs the task's own failure
             log.exception("could not mark dataset %s failed", dataset)
 
 
 @app.task(name="collect_breeds", bind=True)
 def collect_breeds(self, **kwargs) -> dict:
     """Entry point. With no arguments: the nine American breeds, chips name "dog",
-    500x500, 2 pages, google.com. Returns the dataset name at once; the work goes on."""
+    500x500, 2 pages, google.com. Returns the dataset name at once; the work goes on.
+    Called again for the same dataset while it runs or after it is done, it does nothing."""
     req = parse_request(kwargs)
-    store = get_store()
+    store, r = get_store(), get_redis()
+    claim = f"collect:{req.dataset}"
+    if not co.claim_once(r, claim, self.request.id or "direct"):
+        owner = r.get(co.PREFIX + "once:" + claim)
+        status = read_status(store, req.dataset) or {}
+        if owner and owner.decode() == self.request.id:
+            pass  # this very message, redelivered: carry on (every step is idempotent)
+        elif status.get("state") == "failed":
+            co.release_claim(r, claim)  # a failed dataset may be collected again
+            if not co.claim_once(r, claim, self.request.id or "direct"):
+                return {"dataset": req.dataset, "state": "collecting", "duplicate": True}
+        else:
+            log.info("dataset %s is already %s; not collecting it twice", req.dataset, status.get("state"))
+            return {"dataset": req.dataset, "state": status.get("state", "pending"), "duplicate": True}
     store.put_json(request_key(req.dataset), req.model_dump())
+    store.delete(plan_key(req.dataset))
+    r.delete(f"{co.PREFIX}pages-done:{req.dataset}")
+    co.release_claim(r, f"finalized:{req.dataset}")
     set_status(store, req.dataset, "collecting", queries=len(req.queries), pages_total=len(req.queries) * req.pages,
-               reason=None)
-    header = [resolve_query.s(req.dataset, q) for q in req.queries]
-    chord(header)(plan_pages.s(req.dataset).on_error(dataset_failed.s(req.dataset)))
+               reason=None, run=None, sweeps=0)
+    r.sadd(ACTIVE, req.dataset)
+    touch_progress(req.dataset)
+    start_search(req.dataset, req.queries)
     log.info("dataset %s: %d queries x %d pages queued", req.dataset, len(req.queries), req.pages)
     return {"dataset": req.dataset, "queries": len(req.queries), "pages": len(req.queries) * req.pages}
+
+
+def start_search(dataset: str, queries: list[str]) -> None:
+    header = [resolve_query.s(dataset, q).set(task_id=f"search-{dataset}-{slugify(q)}") for q in queries]
+    chord(header)(plan_pages.s(dataset).set(task_id=f"plan-{dataset}").on_error(dataset_failed.s(dataset)))
 
 
 @app.task(name="atscale.resolve_query", base=DatasetTask, bind=True)
@@ -90,7 +167,7 @@ def resolve_query(self, dataset: str, query: str) -> dict:
         out = tok.to_dict()
     except SearchError as exc:
         if exc.reason != "no_results":
-            raise  # the dataset fails with SerpApi's message (DatasetTask.on_failure)
+            raise  # the dataset fails with SerpApi's message (DatasetTask.on_failure), no retry storm
         # asked twice, still nothing: the class is reported empty, the others go on
         out = {"query": query, "token_param": None, "token": None, "empty": True, "suggestions": [],
                "note": f"class is empty: {exc.message} (asked twice)"}
@@ -103,21 +180,51 @@ def resolve_query(self, dataset: str, query: str) -> dict:
 def plan_pages(self, tokens: list[dict], dataset: str) -> dict:
     store = get_store()
     req = parse_request(store.get_json(request_key(dataset)))
-    header = []
+    pages = []
     for t in tokens:
         if t.get("empty") or (t["token"] is None and req.on_missing_chip == "skip"):
             continue
         for ijn in range(req.pages):
-            header.append(download_page.s(dataset, t["query"], t["label"], t["token_param"], t["token"], ijn))
-    set_status(store, dataset, "collecting", pages_total=len(header))
-    if not header:
-        mark_failed(store, dataset, "no class has a page to download (every query was skipped)")
+            pages.append({"dataset": dataset, "query": t["query"], "label": t["label"],
+                          "token_param": t["token_param"], "token": t["token"], "ijn": ijn})
+    store.put_json(plan_key(dataset), {"pages": pages})
+    set_status(store, dataset, "collecting", pages_total=len(pages))
+    if not pages:
+        mark_failed(store, dataset, "no class has a page to download (every query was empty or skipped)")
         return {"pages": 0}
-    chord(header)(finalize_dataset.si(dataset).on_error(dataset_failed.s(dataset)))
-    return {"pages": len(header)}
+    header = [page_signature(p) for p in pages]
+    chord(header)(finalize_dataset.si(dataset).set(task_id=f"finalize-{dataset}")
+                  .on_error(dataset_failed.s(dataset)))
+    return {"pages": len(pages)}
 
 
-@app.task(name="atscale.download_page", base=DatasetTask, bind=True, max_retries=5)
+def page_signature(p: dict):
+    return download_page.si(p["dataset"], p["query"], p["label"], p["token_param"], p["token"], p["ijn"]).set(
+        task_id=page_task_id(p["dataset"], p["label"], p["ijn"]))
+
+
+def page_finished(dataset: str, label: str, ijn: int) -> None:
+    """Latch: when the last page of the plan is done, make sure finalize runs, even
+    if the chord's trigger is lost (a page re-sent by the sweep is outside the chord)."""
+    touch_progress(dataset)
+    done = co.mark_page_done(get_redis(), dataset, f"{label}/{ijn}")
+    plan = get_store().get_json_or(plan_key(dataset)) or {}
+    if plan.get("pages") and done >= len(plan["pages"]):
+        finalize_dataset.apply_async(args=[dataset], task_id=f"finalize-{dataset}")
+
+
+class PageTask(DatasetTask):
+    def on_poison(self, dataset, deliveries, *args, **kwargs):
+        """A page that kills its worker again and again is reported failed; the dataset goes on."""
+        _dataset, _query, label, _tp, _tok, ijn = args
+        record_page_failure(get_store(), dataset, label, ijn,
+                            {"reason": "poison", "status": None,
+                             "message": f"page task delivered {deliveries} times (its worker died each time)"})
+        page_finished(dataset, label, ijn)
+        return {"poison": True, "deliveries": deliveries}
+
+
+@app.task(name="atscale.download_page", base=PageTask, bind=True)
 def download_page(self, dataset: str, query: str, label: str, token_param: str | None, token: str | None,
                   ijn: int) -> dict:
     store = get_store()
@@ -129,21 +236,32 @@ def download_page(self, dataset: str, query: str, label: str, token_param: str |
         if exc.reason in ("invalid_key", "forbidden", "out_of_searches"):
             raise  # the whole dataset fails with SerpApi's message (DatasetTask.on_failure)
         # this page is reported failed (or empty); the other pages go on
-        store.put_json(f"datasets/{dataset}/failures/{label}-{ijn}.json",
-                       {"label": label, "ijn": ijn, **exc.to_dict()})
-        store.put_jsonl(f"datasets/{dataset}/pages/{label}/{ijn}.jsonl", [])
-        return {"label": label, "ijn": ijn, "results": 0, "stored": 0, "rejected": {}, "error": exc.to_dict()}
+        summary = record_page_failure(store, dataset, label, ijn, exc.to_dict())
+        page_finished(dataset, label, ijn)
+        return summary
     spec = PageSpec(dataset=dataset, label=label, ijn=ijn, max_side=req.size_max_side)
-    try:
-        return run_page(store, get_fetcher(), spec, [(r.position, r.original) for r in results],
-                        threads=get_settings().download_threads)
-    except StoreError as exc:
-        raise self.retry(exc=exc, countdown=min(60, 2 ** self.request.retries * 2))
+    summary = run_page(store, get_fetcher(), spec, [(r.position, r.original) for r in results],
+                       threads=get_settings().download_threads)
+    page_finished(dataset, label, ijn)
+    return summary
+
+
+def record_page_failure(store: ObjectStore, dataset: str, label: str, ijn: int, error: dict) -> dict:
+    store.put_json(f"datasets/{dataset}/failures/{label}-{ijn}.json", {"label": label, "ijn": ijn, **error})
+    store.put_jsonl(shard_key(dataset, label, ijn), [])
+    return {"label": label, "ijn": ijn, "results": 0, "stored": 0, "rejected": {}, "error": error}
+
+
 
 
 @app.task(name="atscale.finalize_dataset", base=DatasetTask, bind=True)
 def finalize_dataset(self, dataset: str) -> dict:
-    store = get_store()
+    store, r = get_store(), get_redis()
+    # the chord and the page latch may both trigger this; one runs (the sweep
+    # releases the claim if the one that ran died half-way)
+    if not co.claim_once(r, f"finalized:{dataset}", uuid.uuid4().hex):
+        log.info("dataset %s already finalized; nothing to do", dataset)
+        return {"dataset": dataset, "duplicate": True}
     req = parse_request(store.get_json(request_key(dataset)))
     set_status(store, dataset, "finalizing")
     notes = {}
@@ -158,27 +276,60 @@ def finalize_dataset(self, dataset: str) -> dict:
     if len(with_images) < 2:
         mark_failed(store, dataset, f"only {len(with_images)} class(es) have images; nothing to train "
                                     f"(rejected: {report['rejected']})")
+        r.srem(ACTIVE, dataset)
         return {"dataset": dataset, "images": report["images"], "run": None}
     if not req.train:
         set_status(store, dataset, "partial" if failures else "done", report=True)
+        r.srem(ACTIVE, dataset)
         return {"dataset": dataset, "images": report["images"], "run": None}
     run = run_name(dataset, req.spec)
     set_status(store, dataset, "training", run=run)
-    train_dataset.apply_async(args=[dataset, run, req.spec.model_dump()], task_id=f"train-{run}")
+    touch_progress(dataset)
+    send_training(dataset, run, req.spec.model_dump())
     return {"dataset": dataset, "images": report["images"], "run": run}
+
+
+def send_training(dataset: str, run: str, spec: dict) -> None:
+    record = get_store().get_json_or(run_key(run, "record.json")) or {}
+    if record.get("status") not in ("training", "trained"):
+        get_store().put_json(run_key(run, "record.json"),
+                             {**record, "run": run, "dataset": dataset, "spec": spec, "status": "queued",
+                              "queued_at": time.time()})
+    train_dataset.apply_async(args=[dataset, run, spec], task_id=f"train-{run}")
 
 
 @app.task(name="atscale.train_dataset", base=DatasetTask, bind=True)
 def train_dataset(self, dataset: str, run: str, spec: dict) -> dict:
+    """Exactly one training per (dataset version, spec): a run that is trained is not
+    trained again, and while one worker trains (its lease alive) no other starts."""
     store = get_store()
-    record = store.get_json_or(run_key(run, "record.json"))
-    if record and record.get("status") == "trained":
+    record = store.get_json_or(run_key(run, "record.json")) or {}
+    if record.get("status") == "trained":
         log.info("run %s already trained; not training again", run)
-        return {"run": run, "val_accuracy": record.get("val_accuracy"), "skipped": True}
-    metrics = train_run(store, dataset, run, TrainSpec(**spec), cache_dir=get_settings().cache_dir)
-    failures = store.list(f"datasets/{dataset}/failures/")
-    set_status(store, dataset, "partial" if failures else "done", run=run, val_accuracy=metrics["val_accuracy"])
+        finish_dataset(dataset, run, record.get("val_accuracy"))
+        return {"run": run, "val_accuracy": record.get("val_accuracy"), "skipped": "trained"}
+    lease = co.Lease(get_redis(), f"train:{run}", ttl=60)
+    if not lease.acquire():
+        log.info("run %s is being trained by another worker; not starting a second one", run)
+        return {"run": run, "skipped": "running"}
+    try:
+        attempts = store.get_json_or(run_key(run, "attempts.json")) or []
+        attempts.append({"task_id": self.request.id, "hostname": self.request.hostname, "started_at": time.time()})
+        store.put_json(run_key(run, "attempts.json"), attempts)
+        metrics = train_run(store, dataset, run, TrainSpec(**spec), cache_dir=get_settings().cache_dir)
+    finally:
+        lease.release()
+    finish_dataset(dataset, run, metrics["val_accuracy"])
     return {"run": run, "val_accuracy": metrics["val_accuracy"], "epochs": metrics["epochs"]}
+
+
+def finish_dataset(dataset: str, run: str, val_accuracy) -> None:
+    store = get_store()
+    failures = store.list(f"datasets/{dataset}/failures/")
+    status = read_status(store, dataset) or {}
+    if status.get("state") not in FINAL_STATES:
+        set_status(store, dataset, "partial" if failures else "done", run=run, val_accuracy=val_accuracy)
+    get_redis().srem(ACTIVE, dataset)
 
 
 @app.task(name="atscale.dataset_failed")
@@ -188,3 +339,4 @@ def dataset_failed(request, exc, traceback, dataset: str) -> None:
     status = read_status(store, dataset) or {}
     if status.get("state") != "failed":
         mark_failed(store, dataset, f"a step of the pipeline failed: {exc}")
+    get_redis().srem(ACTIVE, dataset)

@@ -30,6 +30,11 @@ class Settings(BaseSettings):
         alias="ATSCALE_USER_AGENT",
     )
 
+    # fault handling (see README "Faults")
+    stall_seconds: float = Field(300.0, alias="ATSCALE_STALL_SECONDS", gt=0)
+    sweep_interval: float = Field(30.0, alias="ATSCALE_SWEEP_INTERVAL", gt=0)
+    max_deliveries: int = Field(5, alias="ATSCALE_MAX_DELIVERIES", ge=1)
+
     def result_backend_url(self) -> str:
         return self.result_backend or self.broker_url
 

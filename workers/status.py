@@ -7,7 +7,7 @@ import time
 from workers.store import ObjectStore, retrying
 
 STATES = ("pending", "collecting", "finalizing", "training", "done", "partial", "failed")
-FINAL_STATES = ("done", "failed")
+FINAL_STATES = ("done", "partial", "failed")
 
 
 def status_key(dataset: str) -> str:
