@@ -75,7 +75,8 @@ class Cluster:
         port = port or free_port()
         data = self.workdir / f"redis-{port}"
         data.mkdir(exist_ok=True)
-        self._spawn(f"redis-{port}", [redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1",
+        self.redis_args = (port, appendonly)
+        self._spawn("redis", [redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1",
                                       "--save", "", "--appendonly", "yes" if appendonly else "no",
                                       "--dir", str(data), "--maxmemory-policy", "noeviction"])
         wait_port("127.0.0.1", port)
@@ -84,9 +85,26 @@ class Cluster:
         self.env["CELERY_RESULT_BACKEND"] = url
         return url
 
-    def start_replay(self, api_key: str, *, image_delay: float = 0.0, host: str = "127.0.0.1") -> str:
+    def restart_redis(self, down_seconds: float = 2.0) -> None:
+        """Stop Redis (SIGTERM: it writes its append-only file), wait, start it again
+        on the same port and data folder."""
+        self.kill("redis", signal.SIGTERM)
+        time.sleep(down_seconds)
+        port, appendonly = self.redis_args
+        self.start_redis(port, appendonly=appendonly)
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        """Signal every process of `name` (its whole process group: a worker and its pool)."""
+        for n, proc in list(self.procs):
+            if n == name and proc.poll() is None:
+                os.killpg(proc.pid, sig)
+                proc.wait(30)
+                self.procs.remove((n, proc))
+
+    def start_replay(self, api_key: str, *, image_delay: float = 0.0, host: str = "127.0.0.1",
+                     verbose: bool = False) -> str:
         proc = self._spawn("replay", [sys.executable, "-m", "workers.replay", "--host", host, "--port", "0",
-                                      "--image-delay", str(image_delay)],
+                                      "--image-delay", str(image_delay), *(["--verbose"] if verbose else [])],
                            stdout=subprocess.PIPE, env={**self.env, "ATSCALE_REPLAY_API_KEY": api_key})
         line = proc.stdout.readline().decode()
         if not line:

@@ -273,9 +273,10 @@ def finalize_dataset(self, dataset: str) -> dict:
     report = finalize(store, dataset, labels=req.labels(), pages_expected=len(req.labels()) * req.pages,
                       val_percent=req.val_percent, search_notes=notes, page_failures=failures)
     with_images = [c for c, n in report["classes"].items() if n > 0]
-    if len(with_images) < 2:
-        mark_failed(store, dataset, f"only {len(with_images)} class(es) have images; nothing to train "
-                                    f"(rejected: {report['rejected']})")
+    if len(with_images) < (2 if req.train else 1):
+        mark_failed(store, dataset, f"only {len(with_images)} class(es) have images; "
+                                    f"{'nothing to train' if req.train else 'nothing stored'} "
+                                    f"(rejected: {report['rejected']}; failed pages: {len(failures)})")
         r.srem(ACTIVE, dataset)
         return {"dataset": dataset, "images": report["images"], "run": None}
     if not req.train:

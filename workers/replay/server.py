@@ -191,6 +191,7 @@ class ReplayServer:
         self.per_page = int(per_page)
         self.max_pages = int(max_pages)
         self._lock = threading.Lock()
+        self._faulted: set[str] = set()  # requests already answered with an injected 429
         self._httpd: _HTTPServer | None = None
         self._thread: threading.Thread | None = None
         self.search_count = 0
@@ -302,6 +303,12 @@ class ReplayServer:
         if not 0 <= ijn <= catalog.MAX_PAGE:
             return done(400, {"error": INVALID_IJN_ERROR})
 
+        fault = self._fault(q, safe_params)
+        if fault is not None:
+            status, body, extra = fault
+            record.update(extra)
+            return done(status, body)
+
         token = params.get("uds") or params.get("chips") or ""
         decoded = decode_token(token) if token else None
         label = decoded[0] if decoded else label_from_query(q)
@@ -338,6 +345,29 @@ class ReplayServer:
         meta["total_time_taken"] = round(time.monotonic() - started + 0.01, 2)
         record["results"] = len(body["images_results"])
         return done(200, body)
+
+    def _fault(self, q: str, safe_params: dict) -> tuple[int, dict, dict] | None:
+        """Fault injection by query text, for tests and demos of the error paths:
+        ``zz429once`` (each distinct request: one 429 with Retry-After: 1, then success),
+        ``zz500`` (every request: 500), ``zz500page`` (page requests, i.e. with a token: 500),
+        ``zzbadjson`` (page requests: 200 with a body that is not JSON),
+        ``zzbadposition`` (page requests: a result whose ``position`` is not a number)."""
+        ql = q.lower()
+        is_page = bool(safe_params.get("uds") or safe_params.get("chips"))
+        if "zz429once" in ql:
+            key = json.dumps(sorted(safe_params.items()))
+            with self._lock:
+                first = key not in self._faulted
+                self._faulted.add(key)
+            if first:
+                return 429, {"error": "Your searches are too frequent; retry shortly."}, {"headers": {"Retry-After": "1"}}
+        if "zz500" in ql and ("zz500page" not in ql or is_page):
+            return 500, {"error": "Internal server error (injected)."}, {}
+        if "zzbadjson" in ql and is_page:
+            return 200, {}, {"raw": b'{"images_results": [{"position": 1, "original": "http'}
+        if "zzbadposition" in ql and is_page:
+            return 200, {"images_results": [{"position": "first", "original": "http://127.0.0.1:9/x.jpg"}]}, {}
+        return None
 
     def _metadata(self, safe_params: dict, echo: dict, legacy: bool) -> dict:
         digest = hashlib.sha256(json.dumps(sorted(safe_params.items())).encode()).hexdigest()
@@ -467,7 +497,17 @@ class _Handler(BaseHTTPRequestHandler):
                 status, body, record = self.replay.search(params)
                 record["path"] = path
                 self.replay._record_search(record)
-                self._json(status, body)
+                if "raw" in record or "headers" in record:
+                    raw = record.pop("raw", None) or json.dumps(body).encode()
+                    self.send_response(status)
+                    for k, v in record.pop("headers", {}).items():
+                        self.send_header(k, v)
+                    self.send_header("Content-Type", "application/json; charset=utf-8")
+                    self.send_header("Content-Length", str(len(raw)))
+                    self.end_headers()
+                    self.wfile.write(raw)
+                else:
+                    self._json(status, body)
             elif path.startswith("/images/"):
                 self.replay._record_image(path)
                 if self.replay.image_delay > 0:
