@@ -38,6 +38,12 @@ app.conf.update(
     result_backend_transport_options={"visibility_timeout": VISIBILITY_TIMEOUT},
     visibility_timeout=VISIBILITY_TIMEOUT,
     broker_connection_retry_on_startup=True,
+    broker_connection_max_retries=None,  # a Redis restart is waited out, however long
+    result_backend_always_retry=True,  # results and chord counters survive a Redis restart
+    result_backend_max_retries=60,
+    redis_retry_on_timeout=True,
+    redis_socket_keepalive=True,
+    redis_backend_health_check_interval=10,
     result_expires=7 * 24 * 3600,
     result_extended=False,
     task_track_started=True,

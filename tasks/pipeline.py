@@ -72,7 +72,7 @@ def page_task_id(dataset: str, label: str, ijn: int) -> str:
 
 
 def touch_progress(dataset: str) -> None:
-    get_redis().set(f"{co.PREFIX}progress:{dataset}", time.time(), ex=30 * co.DAY)
+    co.redis_retry(get_redis().set, f"{co.PREFIX}progress:{dataset}", time.time(), ex=30 * co.DAY)
 
 
 class DatasetTask(Task):
@@ -84,7 +84,7 @@ class DatasetTask(Task):
     - any other failure marks the dataset failed with the exception's message
       (the rest of the cluster goes on)."""
 
-    autoretry_for = (StoreError, redis.ConnectionError, redis.TimeoutError)
+    autoretry_for = (StoreError,)
     retry_backoff = 2
     retry_backoff_max = 60
     retry_jitter = True
@@ -113,7 +113,7 @@ class DatasetTask(Task):
         try:
             msg = exc.message if isinstance(exc, SearchError) else f"{type(exc).__name__}: {exc}"
             mark_failed(get_store(), dataset, f"{self.name} failed: {msg}")
-            get_redis().srem(ACTIVE, dataset)
+            co.redis_retry(get_redis().srem, ACTIVE, dataset)
         except Exception:  # the store itself may be what failed; Celery logs the task's own failure
             log.exception("could not mark dataset %s failed", dataset)
 
@@ -144,7 +144,7 @@ def collect_breeds(self, **kwargs) -> dict:
     co.release_claim(r, f"finalized:{req.dataset}")
     set_status(store, req.dataset, "collecting", queries=len(req.queries), pages_total=len(req.queries) * req.pages,
                reason=None, run=None, sweeps=0)
-    r.sadd(ACTIVE, req.dataset)
+    co.redis_retry(r.sadd, ACTIVE, req.dataset)
     touch_progress(req.dataset)
     start_search(req.dataset, req.queries)
     log.info("dataset %s: %d queries x %d pages queued", req.dataset, len(req.queries), req.pages)
@@ -277,11 +277,11 @@ def finalize_dataset(self, dataset: str) -> dict:
         mark_failed(store, dataset, f"only {len(with_images)} class(es) have images; "
                                     f"{'nothing to train' if req.train else 'nothing stored'} "
                                     f"(rejected: {report['rejected']}; failed pages: {len(failures)})")
-        r.srem(ACTIVE, dataset)
+        co.redis_retry(r.srem, ACTIVE, dataset)
         return {"dataset": dataset, "images": report["images"], "run": None}
     if not req.train:
         set_status(store, dataset, "partial" if failures else "done", report=True)
-        r.srem(ACTIVE, dataset)
+        co.redis_retry(r.srem, ACTIVE, dataset)
         return {"dataset": dataset, "images": report["images"], "run": None}
     run = run_name(dataset, req.spec)
     set_status(store, dataset, "training", run=run)
@@ -330,7 +330,7 @@ def finish_dataset(dataset: str, run: str, val_accuracy) -> None:
     status = read_status(store, dataset) or {}
     if status.get("state") not in FINAL_STATES:
         set_status(store, dataset, "partial" if failures else "done", run=run, val_accuracy=val_accuracy)
-    get_redis().srem(ACTIVE, dataset)
+    co.redis_retry(get_redis().srem, ACTIVE, dataset)
 
 
 @app.task(name="atscale.dataset_failed")
@@ -340,4 +340,4 @@ def dataset_failed(request, exc, traceback, dataset: str) -> None:
     status = read_status(store, dataset) or {}
     if status.get("state") != "failed":
         mark_failed(store, dataset, f"a step of the pipeline failed: {exc}")
-    get_redis().srem(ACTIVE, dataset)
+    co.redis_retry(get_redis().srem, ACTIVE, dataset)

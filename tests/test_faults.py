@@ -151,7 +151,7 @@ def test_download_worker_killed_mid_run(tmp_path):
         assert st["state"] == "done", st.get("reason")
         assert_complete(c.store, "killed", queries, 3)
         assert len(training_attempts(c.store, "killed")) == 1
-        assert "re-sent" in st.get("swept", "") or before >= 7  # the sweep moved it on
+        assert "re-sent" in st["swept"]  # the sweep moved on the pages the dead worker held
     finally:
         c.stop()
 
@@ -232,9 +232,11 @@ class TcpGate:
                     pass
 
 
-def test_s3_endpoint_unreachable_for_20s(tmp_path):
+def test_s3_endpoint_unreachable_for_20s(tmp_path, monkeypatch):
     from tasks.embedded import free_port, wait_port
 
+    for k, v in dict(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1").items():
+        monkeypatch.setenv(k, v)
     moto_port = free_port()
     moto = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(moto_port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -8,6 +8,7 @@ and a cap on how often one task may be delivered.
 from __future__ import annotations
 
 import threading
+import time
 import uuid
 from functools import lru_cache
 
@@ -21,6 +22,20 @@ DAY = 24 * 3600
 def client(url: str) -> redis.Redis:
     return redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5, health_check_interval=30,
                                 retry_on_timeout=True)
+
+
+def redis_retry(fn, *args, timeout: float = 120.0, **kw):
+    """Call a Redis operation, waiting (backoff, up to `timeout` s) while Redis is away:
+    a restart must delay the work, not fail it."""
+    delay, end = 0.2, time.monotonic() + timeout
+    while True:
+        try:
+            return fn(*args, **kw)
+        except (redis.ConnectionError, redis.TimeoutError):
+            if time.monotonic() > end:
+                raise
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)
 
 
 class Lease:
@@ -37,7 +52,7 @@ class Lease:
         self._thread: threading.Thread | None = None
 
     def acquire(self) -> bool:
-        if not self.r.set(self.key, self.owner, nx=True, ex=self.ttl):
+        if not redis_retry(self.r.set, self.key, self.owner, nx=True, ex=self.ttl):
             return False
         self._thread = threading.Thread(target=self._renew, daemon=True, name=f"lease-{self.key}")
         self._thread.start()
@@ -69,32 +84,40 @@ class Lease:
 
 
 def lease_alive(r: redis.Redis, name: str) -> bool:
-    return bool(r.exists(PREFIX + "lease:" + name))
+    return bool(redis_retry(r.exists, PREFIX + "lease:" + name))
 
 
 def mark_page_done(r: redis.Redis, dataset: str, page_id: str) -> int:
     """Record a finished page (idempotent); returns how many distinct pages are done."""
     key = f"{PREFIX}pages-done:{dataset}"
-    pipe = r.pipeline()
-    pipe.sadd(key, page_id)
-    pipe.expire(key, 30 * DAY)
-    pipe.scard(key)
-    return pipe.execute()[2]
+
+    def run():
+        pipe = r.pipeline()
+        pipe.sadd(key, page_id)
+        pipe.expire(key, 30 * DAY)
+        pipe.scard(key)
+        return pipe.execute()[2]
+
+    return redis_retry(run)
 
 
 def count_delivery(r: redis.Redis, task_id: str) -> int:
     """How many times this task id has started (redeliveries and re-sends included)."""
     key = f"{PREFIX}deliveries:{task_id}"
-    pipe = r.pipeline()
-    pipe.incr(key)
-    pipe.expire(key, 7 * DAY)
-    return pipe.execute()[0]
+
+    def run():
+        pipe = r.pipeline()
+        pipe.incr(key)
+        pipe.expire(key, 7 * DAY)
+        return pipe.execute()[0]
+
+    return redis_retry(run)
 
 
 def claim_once(r: redis.Redis, name: str, value: str = "1", ttl: int = 30 * DAY) -> bool:
     """True the first time `name` is claimed, False afterwards."""
-    return bool(r.set(PREFIX + "once:" + name, value, nx=True, ex=ttl))
+    return bool(redis_retry(r.set, PREFIX + "once:" + name, value, nx=True, ex=ttl))
 
 
 def release_claim(r: redis.Redis, name: str) -> None:
-    r.delete(PREFIX + "once:" + name)
+    redis_retry(r.delete, PREFIX + "once:" + name)

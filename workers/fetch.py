@@ -20,13 +20,21 @@ guards against server-side request forgery:
 * environment proxies and ``.netrc`` are ignored (``trust_env = False``), and
   cookies are never stored, so nothing leaks between unrelated fetches.
 
-No retries are made; the caller decides.  Every failure is a
+Politeness: at most ``per_host`` requests to one host (name and port) are in
+flight at a time from one :class:`Fetcher` (threads beyond that wait for a
+slot; env ``ATSCALE_PER_HOST_CONNECTIONS``, default 8), and every request
+carries the configured User-Agent, which should name a contact.
+
+No retries are made; the caller decides (:func:`workers.page.fetch_with_retries`).
+A 429 or 503 answer's ``Retry-After`` (seconds or an HTTP date) is parsed into
+``FetchError.retry_after`` for it.  Every failure is a
 :class:`FetchError` whose ``reason`` is one of :data:`FETCH_REASONS`.
 URLs in error details and log lines are redacted (no user-info, no query).
 """
 
 from __future__ import annotations
 
+import email.utils
 import http.cookiejar
 import ipaddress
 import logging
@@ -35,6 +43,7 @@ import re
 import socket
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterable, Union
 from urllib.parse import urljoin, urlsplit
@@ -56,6 +65,9 @@ from urllib3.exceptions import (
 log = logging.getLogger(__name__)
 
 ENV_ALLOWED_NETWORKS = "ATSCALE_ALLOWED_NETWORKS"
+ENV_PER_HOST = "ATSCALE_PER_HOST_CONNECTIONS"
+DEFAULT_PER_HOST = 8
+DEFAULT_USER_AGENT = "atscale/0.1 (image dataset builder; +https://github.com/atscale/atscale)"
 
 FETCH_REASONS: tuple[str, ...] = (
     "bad_url",
@@ -79,20 +91,80 @@ _CHUNK = 64 * 1024
 class FetchError(Exception):
     """A URL could not (or must not) be fetched. ``reason`` is one of :data:`FETCH_REASONS`."""
 
-    def __init__(self, reason: str, detail: str, *, status: int | None = None):
+    def __init__(self, reason: str, detail: str, *, status: int | None = None, retry_after: float | None = None):
         if reason not in FETCH_REASONS:
             raise ValueError(f"unknown fetch error reason {reason!r}")
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
         self.detail = detail
         self.status = status
+        self.retry_after = retry_after  # seconds the server asked us to wait (429/503 Retry-After)
 
     def __reduce__(self):  # picklable (Celery results, multiprocessing)
-        return (_rebuild_fetch_error, (self.reason, self.detail, self.status))
+        return (_rebuild_fetch_error, (self.reason, self.detail, self.status, self.retry_after))
 
 
-def _rebuild_fetch_error(reason: str, detail: str, status: int | None) -> FetchError:
-    return FetchError(reason, detail, status=status)
+def _rebuild_fetch_error(reason: str, detail: str, status: int | None, retry_after: float | None = None) -> FetchError:
+    return FetchError(reason, detail, status=status, retry_after=retry_after)
+
+
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header: delta-seconds or an HTTP date.
+
+    ``None`` when absent or unparsable; never negative (a date in the past is 0).
+    """
+    if value is None:
+        return None
+    text = value.strip()
+    if not text:
+        return None
+    if text.isdigit():
+        return float(min(int(text), 10**9))
+    try:
+        when = email.utils.parsedate_to_datetime(text)
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    if when is None or when.tzinfo is None:  # RFC 9110 dates are GMT; a zone-less one is not trusted
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+class HostSlots:
+    """At most ``limit`` holders per key (a host) at once; threads beyond that wait.
+
+    Entries exist only while someone holds or waits for a slot, so memory does
+    not grow with the number of distinct hosts seen.
+    """
+
+    def __init__(self, limit: int):
+        if limit < 1:
+            raise ValueError("per-host limit must be at least 1")
+        self.limit = int(limit)
+        self._lock = threading.Lock()
+        self._slots: dict[str, list] = {}  # key -> [semaphore, holders + waiters]
+
+    @contextmanager
+    def hold(self, key: str):
+        with self._lock:
+            entry = self._slots.get(key)
+            if entry is None:
+                entry = self._slots[key] = [threading.Semaphore(self.limit), 0]
+            entry[1] += 1
+        try:
+            entry[0].acquire()
+            try:
+                yield
+            finally:
+                entry[0].release()
+        finally:
+            with self._lock:
+                entry[1] -= 1
+                if entry[1] == 0:
+                    del self._slots[key]
+
+    def active_keys(self) -> int:
+        with self._lock:
+            return len(self._slots)
 
 
 @dataclass
@@ -278,10 +350,11 @@ class Fetcher:
         timeout: tuple[float, float] = (5.0, 20.0),
         max_bytes: int = 20_000_000,
         max_redirects: int = 3,
-        user_agent: str = "atscale/0.1 (+https://github.com/atscale/atscale)",
+        user_agent: str = DEFAULT_USER_AGENT,
         allowed_networks: str | Iterable[Network] | None = None,
         pool_size: int = 64,
         total_timeout: float | None = 120.0,
+        per_host: int | None = None,
     ):
         if allowed_networks is None:
             allowed_networks = os.environ.get(ENV_ALLOWED_NETWORKS)
@@ -297,6 +370,16 @@ class Fetcher:
         self.max_redirects = int(max_redirects)
         self.user_agent = user_agent
         self.total_timeout = total_timeout
+        if per_host is None:
+            env = os.environ.get(ENV_PER_HOST, "").strip()
+            try:
+                per_host = int(env) if env else DEFAULT_PER_HOST
+            except ValueError:
+                raise ValueError(f"{ENV_PER_HOST}: {env!r} is not a whole number") from None
+        if per_host < 1:
+            raise ValueError(f"per_host must be at least 1, got {per_host}")
+        self.per_host = int(per_host)
+        self._host_slots = HostSlots(self.per_host)
         self._closed = False
         self._lock = threading.Lock()
 
@@ -328,39 +411,54 @@ class Fetcher:
         current = url
         redirects = 0
         while True:
-            self._check_url(current)
-            response = self._request(current)
-            try:
-                if response.status_code in _REDIRECT_STATUSES and response.headers.get("location"):
-                    target = self._session.get_redirect_target(response) or ""
-                    if redirects >= self.max_redirects:
-                        raise FetchError(
-                            "too_many_redirects",
-                            f"more than {self.max_redirects} redirects (last hop {redact_url(current)} -> "
-                            f"{redact_url(urljoin(current, target))})",
-                        )
-                    next_url = requote_uri(urljoin(response.url or current, target))
-                    log.debug("redirect %s %s -> %s", response.status_code, redact_url(current), redact_url(next_url))
-                    current = next_url
-                    redirects += 1
-                    continue
-                if not 200 <= response.status_code < 300:
+            host_key = self._check_url(current)
+            asked = time.monotonic()
+            with self._host_slots.hold(host_key):
+                started += time.monotonic() - asked  # waiting for a slot is not download time
+                result = self._hop(url, current, redirects, started)
+            if isinstance(result, FetchResult):
+                return result
+            current = result
+            redirects += 1
+
+    def _hop(self, url: str, current: str, redirects: int, started: float) -> "FetchResult | str":
+        """One request (holding a slot of its host): the FetchResult, or the next hop's URL."""
+        response = self._request(current)
+        try:
+            status = response.status_code
+            if status in _REDIRECT_STATUSES and response.headers.get("location"):
+                target = self._session.get_redirect_target(response) or ""
+                if redirects >= self.max_redirects:
                     raise FetchError(
-                        "http_error",
-                        f"HTTP {response.status_code} {response.reason or ''} from {redact_url(current)}".replace("  ", " "),
-                        status=response.status_code,
+                        "too_many_redirects",
+                        f"more than {self.max_redirects} redirects (last hop {redact_url(current)} -> "
+                        f"{redact_url(urljoin(current, target))})",
                     )
-                body = self._read_body(response, current, started)
-                return FetchResult(
-                    url=url,
-                    final_url=current,
-                    status=response.status_code,
-                    content_type=response.headers.get("content-type", ""),
-                    body=body,
-                    redirects=redirects,
+                next_url = requote_uri(urljoin(response.url or current, target))
+                log.debug("redirect %s %s -> %s", status, redact_url(current), redact_url(next_url))
+                return next_url
+            if not 200 <= status < 300:
+                retry_after = None
+                if status in (429, 503):
+                    retry_after = parse_retry_after(response.headers.get("retry-after"))
+                wait = f", Retry-After {retry_after:g} s" if retry_after is not None else ""
+                raise FetchError(
+                    "http_error",
+                    f"HTTP {status} {response.reason or ''} from {redact_url(current)}{wait}".replace("  ", " "),
+                    status=status,
+                    retry_after=retry_after,
                 )
-            finally:
-                response.close()
+            body = self._read_body(response, current, started)
+            return FetchResult(
+                url=url,
+                final_url=current,
+                status=status,
+                content_type=response.headers.get("content-type", ""),
+                body=body,
+                redirects=redirects,
+            )
+        finally:
+            response.close()
 
     def close(self) -> None:
         with self._lock:
@@ -377,7 +475,8 @@ class Fetcher:
 
     # -- steps ------------------------------------------------------------
 
-    def _check_url(self, url: str) -> None:
+    def _check_url(self, url: str) -> str:
+        """Refuse a URL that must not be fetched; return its host key (``host:port``)."""
         if any(ch in url for ch in "\r\n\t\x00") or url != url.strip():
             raise FetchError("bad_url", "URL contains whitespace or control characters")
         try:
@@ -395,6 +494,7 @@ class Fetcher:
             raise FetchError("bad_url", f"URL has no host: {redact_url(url)}")
         port = port or (443 if scheme == "https" else 80)
         self._check_host(host, port)
+        return f"{host.lower()}:{port}"
 
     def _check_host(self, host: str, port: int) -> None:
         try:

@@ -1,6 +1,17 @@
 """Download one result page: fetch each original in a bounded thread pool, validate
 and normalise it, store it under its content hash, and write the page's manifest
 shard. Every reject is counted under a named reason; one bad file never stops the page.
+
+:func:`process_one` is the per-URL code path (fetch with bounded retries ->
+normalise -> store -> manifest row).  The Celery task ``atscale.download_page``
+runs it through :func:`download_page`; ``atscale fetch`` runs the very same
+function over a plain URL list (:mod:`workers.fetch_many`).
+
+Retries (:func:`fetch_with_retries`): timeouts, broken connections and HTTP
+429/500/502/503/504 are retried at most ``attempts - 1`` times.  The wait is
+exponential backoff with jitter, or the server's ``Retry-After`` (429/503) when
+that is longer; a ``Retry-After`` beyond ``max_retry_after`` is not waited for
+(the URL is rejected at once as ``http_error``, saying so).
 """
 from __future__ import annotations
 
@@ -11,7 +22,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from workers.fetch import FetchError, Fetcher
+from workers.fetch import FetchError, Fetcher, redact_url
 from workers.images import ImageRejected, normalise_image
 from workers.store import ObjectStore, StoreError, retrying
 
@@ -27,6 +38,27 @@ class PageSpec:
     ijn: int
     max_side: int = 500
     min_side: int = 32
+    image_prefix: str | None = None  # store images under "<prefix>/<sha256>.jpg" instead of the dataset layout
+
+    def key_for(self, sha256: str) -> str:
+        if self.image_prefix:
+            return f"{self.image_prefix.rstrip('/')}/{sha256}.jpg"
+        return image_key(self.dataset, self.label, sha256)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    attempts: int = 3  # tries in all, the first included
+    base_delay: float = 0.25  # first backoff: base_delay..2*base_delay seconds
+    max_delay: float = 10.0  # cap of one backoff wait
+    max_retry_after: float = 30.0  # the longest Retry-After we wait for
+
+    def backoff(self, attempt: int) -> float:
+        """Exponential backoff with jitter before try ``attempt + 1`` (``attempt`` >= 1)."""
+        return min(self.max_delay, self.base_delay * (2 ** (attempt - 1)) * (1.0 + random.random()))
+
+
+DEFAULT_RETRY = RetryPolicy()
 
 
 def image_key(dataset: str, label: str, sha256: str) -> str:
@@ -37,35 +69,47 @@ def shard_key(dataset: str, label: str, ijn: int) -> str:
     return f"datasets/{dataset}/pages/{label}/{ijn}.jsonl"
 
 
-def fetch_with_retries(fetcher: Fetcher, url: str, attempts: int = 3, max_wait: float = 10.0):
-    """GET with bounded retries for transient failures (timeouts, 429/5xx with Retry-After)."""
-    for attempt in range(1, attempts + 1):
+def is_transient(exc: FetchError) -> bool:
+    return exc.reason in ("timeout", "connect_error") or exc.status in RETRY_STATUSES
+
+
+def fetch_with_retries(fetcher: Fetcher, url: str, policy: RetryPolicy = DEFAULT_RETRY, *, sleep=time.sleep):
+    """GET with bounded retries for transient failures; honours Retry-After (see the module doc)."""
+    for attempt in range(1, policy.attempts + 1):
         try:
             return fetcher.get(url)
         except FetchError as exc:
-            status = getattr(exc, "status", None)
-            transient = exc.reason in ("timeout", "connect_error") or status in RETRY_STATUSES
-            if not transient or attempt == attempts:
+            if not is_transient(exc) or attempt == policy.attempts:
                 raise
-            wait = getattr(exc, "retry_after", None)
-            if wait is None:
-                wait = 0.25 * (2 ** (attempt - 1)) * (1 + random.random())
-            time.sleep(min(wait, max_wait))
+            wait = policy.backoff(attempt)
+            if exc.retry_after is not None:
+                if exc.retry_after > policy.max_retry_after:
+                    raise FetchError(exc.reason, f"{exc.detail}; not retried: Retry-After is longer than "
+                                                 f"{policy.max_retry_after:g} s", status=exc.status,
+                                     retry_after=exc.retry_after) from None
+                wait = max(wait, exc.retry_after)
+            log.debug("retry %d/%d of %s in %.2f s (%s)", attempt, policy.attempts - 1, redact_url(url), wait,
+                      exc.reason)
+            sleep(wait)
     raise AssertionError("unreachable")
 
 
-def process_one(store: ObjectStore, fetcher: Fetcher, spec: PageSpec, position: int, url: str) -> dict:
+def process_one(store: ObjectStore, fetcher: Fetcher, spec: PageSpec, position: int, url: str,
+                retry: RetryPolicy = DEFAULT_RETRY) -> dict:
     """Fetch, normalise and store one image. Returns its manifest row (never raises
-    for a bad image; StoreError propagates so the page is retried)."""
+    for a bad image or URL; StoreError propagates so the page is retried)."""
     row = {"label": spec.label, "ijn": spec.ijn, "position": position, "url": url}
     try:
-        res = fetch_with_retries(fetcher, url)
+        res = fetch_with_retries(fetcher, url, retry)
         img = normalise_image(res.body, max_side=spec.max_side, min_side=spec.min_side)
-    except FetchError as exc:
+    except (FetchError, ImageRejected) as exc:
         return {**row, "status": "rejected", "reason": exc.reason, "detail": str(exc.detail)[:200]}
-    except ImageRejected as exc:
-        return {**row, "status": "rejected", "reason": exc.reason, "detail": str(exc.detail)[:200]}
-    key = image_key(spec.dataset, spec.label, img.sha256)
+    except StoreError:
+        raise
+    except Exception as exc:  # a bug must cost one URL, not the page: logged with its traceback, counted
+        log.exception("unexpected error on %s", redact_url(url) if isinstance(url, str) else type(url).__name__)
+        return {**row, "status": "rejected", "reason": "internal_error", "detail": f"{type(exc).__name__}: {exc}"[:200]}
+    key = spec.key_for(img.sha256)
     retrying(store.put_bytes, key, img.data, "image/jpeg")
     return {**row, "status": "stored", "key": key, "sha256": img.sha256, "phash": img.phash,
             "width": img.width, "height": img.height, "source_format": img.source_format}

@@ -1,0 +1,262 @@
+"""Run the page-download code path over a plain URL list, on every core.
+
+``atscale fetch --urls urls.txt --out DIR`` uses this module.  ``processes``
+worker processes (``spawn`` context: nothing inherited from the parent) each run
+``threads`` threads; every thread takes a few URLs at a time from a bounded
+queue and runs :func:`workers.page.process_one` on each -- the very function the
+Celery task ``atscale.download_page`` runs for every search result: safe fetch
+with bounded retries, validation and normalisation, store under the content
+hash, one manifest row.  Rows come back through a second queue and are yielded
+in completion order, each with its line number (``position``).
+
+Memory stays bounded whatever the number of URLs: the parent reads the list
+lazily and at most ``2 * processes * threads`` URLs wait in the queue; nothing
+keeps the rows.  Pillow releases the GIL in JPEG decoding and resizing but not
+in PNG/WebP decoding or JPEG encoding, hence processes for the cores and
+threads for the network waits within each.
+"""
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import os
+import queue
+import resource
+import sys
+import threading
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import Iterable, Iterator
+
+log = logging.getLogger(__name__)
+
+_MP = mp.get_context("spawn")
+_CHUNK = 4  # URLs a thread takes from the queue at once
+
+
+@dataclass(frozen=True)
+class FetchOptions:
+    """Everything a worker process needs (plain values: sent to spawned processes)."""
+
+    out: str  # a folder or s3://bucket/prefix (workers.store.open_store)
+    image_prefix: str = "images"  # images are stored as <out>/<image_prefix>/<sha256>.jpg
+    label: str = "urls"  # the label written into each row
+    max_side: int = 500
+    min_side: int = 32
+    user_agent: str | None = None  # None: ATSCALE_USER_AGENT / the default
+    allowed_networks: str | None = None  # None: ATSCALE_ALLOWED_NETWORKS
+    per_host: int | None = None  # None: ATSCALE_PER_HOST_CONNECTIONS / 8
+    connect_timeout: float = 5.0
+    read_timeout: float = 20.0
+    max_bytes: int = 20_000_000
+    max_redirects: int = 3
+    attempts: int = 3  # tries per URL, first included (transient failures only)
+    max_retry_after: float = 30.0
+
+
+@dataclass
+class RunSummary:
+    urls: int = 0
+    stored: int = 0
+    rejected: dict = field(default_factory=dict)
+    seconds: float = 0.0
+    images_per_s: float = 0.0
+    urls_per_s: float = 0.0
+    processes: int = 0
+    threads: int = 0
+    peak_rss_mb: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def read_url_list(lines: Iterable[str]) -> Iterator[tuple[int, str]]:
+    """(line number, URL) for each non-blank line that is not a ``#`` comment."""
+    for number, line in enumerate(lines, 1):
+        url = line.strip()
+        if url and not url.startswith("#"):
+            yield number, url
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set size in MiB (Linux reports KiB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (1024 * 1024 if sys.platform == "darwin" else 1024), 1)
+
+
+def output_row(row: dict, store_root: str | None) -> dict:
+    """The public JSON line of one URL."""
+    out = {
+        "position": row["position"],
+        "url": row["url"],
+        "status": row["status"],
+        "reason": row.get("reason"),
+        "sha256": row.get("sha256"),
+        "width": row.get("width"),
+        "height": row.get("height"),
+    }
+    if row["status"] == "stored":
+        out["path"] = os.path.join(store_root, row["key"]) if store_root else row["key"]
+        out["source_format"] = row.get("source_format")
+    else:
+        out["detail"] = row.get("detail")
+    return out
+
+
+# ---------------------------------------------------------------------------
+# worker process
+# ---------------------------------------------------------------------------
+
+
+def _worker_main(opts: FetchOptions, threads: int, tasks, results, worker_id: int) -> None:
+    logging.basicConfig(level=logging.WARNING, format=f"fetch worker {worker_id}: %(levelname)s %(message)s")
+    try:
+        from workers.fetch import Fetcher
+        from workers.page import PageSpec, RetryPolicy, process_one
+        from workers.store import StoreError, open_store
+
+        store = open_store(opts.out)
+        spec = PageSpec(dataset="fetch", label=opts.label, ijn=0, max_side=opts.max_side, min_side=opts.min_side,
+                        image_prefix=opts.image_prefix)
+        retry = RetryPolicy(attempts=opts.attempts, max_retry_after=opts.max_retry_after)
+        kwargs = {}
+        if opts.user_agent:
+            kwargs["user_agent"] = opts.user_agent
+        fetcher = Fetcher(timeout=(opts.connect_timeout, opts.read_timeout), max_bytes=opts.max_bytes,
+                          max_redirects=opts.max_redirects, allowed_networks=opts.allowed_networks,
+                          per_host=opts.per_host, pool_size=threads, **kwargs)
+    except Exception as exc:  # reported to the parent, which stops the run with this message
+        results.put(("failed", worker_id, f"{type(exc).__name__}: {exc}"))
+        return
+
+    def one(position: int, url: str) -> dict:
+        try:
+            return process_one(store, fetcher, spec, position, url, retry)
+        except StoreError as exc:
+            return {"label": spec.label, "ijn": 0, "position": position, "url": url, "status": "rejected",
+                    "reason": "store_error", "detail": str(exc)[:200]}
+
+    def loop() -> None:
+        while True:
+            chunk = tasks.get()
+            if chunk is None:
+                return
+            results.put(("rows", [one(position, url) for position, url in chunk]))
+
+    pool = [threading.Thread(target=loop, name=f"fetch-{worker_id}-{i}", daemon=True) for i in range(threads)]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join()
+    fetcher.close()
+    results.put(("done", worker_id, peak_rss_mb()))
+
+
+# ---------------------------------------------------------------------------
+# parent
+# ---------------------------------------------------------------------------
+
+
+class UrlRunner:
+    """Iterate to get one row per URL (completion order); ``summary`` afterwards."""
+
+    def __init__(self, urls: Iterable[tuple[int, str]], opts: FetchOptions, *, processes: int | None = None,
+                 threads: int = 32):
+        self.urls = urls
+        self.opts = opts
+        self.processes = max(1, int(processes or os.cpu_count() or 1))
+        self.threads = max(1, int(threads))
+        self.summary = RunSummary(processes=self.processes, threads=self.threads)
+
+    def __iter__(self) -> Iterator[dict]:
+        started = time.monotonic()
+        total_threads = self.processes * self.threads
+        tasks = _MP.Queue(maxsize=max(2, 2 * total_threads // _CHUNK))
+        results = _MP.Queue()
+        procs = [_MP.Process(target=_worker_main, args=(self.opts, self.threads, tasks, results, i),
+                             name=f"atscale-fetch-{i}", daemon=True) for i in range(self.processes)]
+        for p in procs:
+            p.start()
+        stop = threading.Event()
+        sent = [0]
+        feed_error: list[BaseException] = []
+
+        def feed() -> None:
+            try:
+                chunk: list[tuple[int, str]] = []
+                for item in self.urls:
+                    chunk.append(item)
+                    if len(chunk) == _CHUNK:
+                        if not _put(tasks, chunk, stop):
+                            return
+                        sent[0] += len(chunk)
+                        chunk = []
+                if chunk and _put(tasks, chunk, stop):
+                    sent[0] += len(chunk)
+            except BaseException as exc:  # an unreadable URL file: reported by the parent below
+                feed_error.append(exc)
+            finally:
+                for _ in range(total_threads):
+                    if not _put(tasks, None, stop):
+                        return
+
+        feeder = threading.Thread(target=feed, name="atscale-fetch-feeder", daemon=True)
+        feeder.start()
+        done: dict[int, float] = {}
+        counts: Counter = Counter()
+        received = 0
+        try:
+            while len(done) < self.processes:
+                try:
+                    msg = results.get(timeout=1.0)
+                except queue.Empty:
+                    dead = [p for i, p in enumerate(procs) if i not in done and not p.is_alive()]
+                    if dead:
+                        raise RuntimeError(f"fetch worker {dead[0].name} died (exit code {dead[0].exitcode}); "
+                                           f"{received} of the URLs sent had finished")
+                    continue
+                kind = msg[0]
+                if kind == "rows":
+                    for row in msg[1]:
+                        received += 1
+                        counts[row["reason"] if row["status"] == "rejected" else "stored"] += 1
+                        yield row
+                elif kind == "done":
+                    done[msg[1]] = msg[2]
+                elif kind == "failed":
+                    raise RuntimeError(f"fetch worker {msg[1]} could not start: {msg[2]}")
+            if feed_error:
+                raise feed_error[0]
+        finally:
+            stop.set()
+            for p in procs:
+                p.join(timeout=5)
+                if p.is_alive():
+                    p.terminate()
+                    p.join(timeout=5)
+            feeder.join(timeout=5)
+            tasks.cancel_join_thread()
+            results.cancel_join_thread()
+            elapsed = time.monotonic() - started
+            s = self.summary
+            s.urls = received
+            s.stored = counts.pop("stored", 0)
+            s.rejected = dict(sorted(counts.items()))
+            s.seconds = round(elapsed, 3)
+            s.images_per_s = round(s.stored / elapsed, 2) if elapsed > 0 else 0.0
+            s.urls_per_s = round(received / elapsed, 2) if elapsed > 0 else 0.0
+            workers = [done.get(i) for i in range(self.processes)]
+            s.peak_rss_mb = {"parent": peak_rss_mb(), "workers": workers,
+                             "total": round(peak_rss_mb() + sum(w or 0 for w in workers), 1)}
+
+
+def _put(q, item, stop: threading.Event) -> bool:
+    """Put with a bounded wait so that a stopped run never hangs the feeder."""
+    while not stop.is_set():
+        try:
+            q.put(item, timeout=0.5)
+            return True
+        except queue.Full:
+            continue
+    return False
