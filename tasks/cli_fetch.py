@@ -35,7 +35,7 @@ def register(subparsers) -> None:
     f = subparsers.add_parser(
         "fetch", help="download a URL list with the pipeline's download code path (JSON line per URL)",
         description=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
-    f.add_argument("url", nargs="*", help="URLs to fetch (in addition to --urls)")
+    f.add_argument("url", nargs="*", help="URLs to fetch (or use --urls)")
     f.add_argument("--urls", metavar="FILE", help="a file with one URL a line ('-' reads standard input)")
     f.add_argument("--out", required=True, help="folder (or s3://bucket/prefix) for the images")
     f.add_argument("--processes", type=_positive_int, help="worker processes (default: the number of cores)")
@@ -59,8 +59,8 @@ def cmd_fetch(args) -> int:
     from workers.settings import get_settings
     from workers.store import LocalStore, open_store
 
-    if not args.url and not args.urls:
-        print("atscale fetch: give URLs or --urls FILE", file=sys.stderr)
+    if bool(args.url) == bool(args.urls):
+        print("atscale fetch: give URLs or --urls FILE (one of the two)", file=sys.stderr)
         return 2
     allowed = args.allowed_networks
     if allowed is not None:
@@ -76,20 +76,17 @@ def cmd_fetch(args) -> int:
     )
 
     handle = None
-    sources: list = [(0, u) for u in args.url]
-    if args.urls:
-        if args.urls == "-":
-            file_items = read_url_list(sys.stdin)
-        else:
-            path = Path(args.urls)
-            if not path.is_file():
-                print(f"atscale fetch: no such file {args.urls!r}", file=sys.stderr)
-                return 2
-            handle = path.open(encoding="utf-8", errors="replace")
-            file_items = read_url_list(handle)
+    if args.urls == "-":
+        items = read_url_list(sys.stdin)
+    elif args.urls:
+        path = Path(args.urls)
+        if not path.is_file():
+            print(f"atscale fetch: no such file {args.urls!r}", file=sys.stderr)
+            return 2
+        handle = path.open(encoding="utf-8", errors="replace")
+        items = read_url_list(handle)  # (line number, URL), read lazily
     else:
-        file_items = iter(())
-    items = _chain(((-i - 1, u) for i, (_, u) in enumerate(sources)), file_items)
+        items = iter(enumerate(args.url, 1))
 
     processes = args.processes
     threads = args.threads
@@ -116,8 +113,3 @@ def cmd_fetch(args) -> int:
           f"{s.images_per_s:.1f} images/s ({s.processes} processes x {s.threads} threads); "
           f"peak RSS {s.peak_rss_mb.get('total')} MiB", file=sys.stderr)
     return 0
-
-
-def _chain(*iterables):
-    for it in iterables:
-        yield from it

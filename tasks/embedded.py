@@ -120,6 +120,13 @@ class Cluster:
                "--pool", pool, "-n", f"{name}@%h", "--loglevel", "INFO", "-E", *(extra or [])]
         return self._spawn(name, cmd, env={**self.env, **(env or {})})
 
+    def start_flower(self, basic_auth: str, port: int | None = None, address: str = "127.0.0.1") -> str:
+        port = port or free_port()
+        self._spawn("flower", [sys.executable, "-m", "celery", "-A", "tasks", "flower", f"--address={address}",
+                               f"--port={port}", f"--basic-auth={basic_auth}"])
+        wait_port(address, port, timeout=60)
+        return f"http://{address}:{port}"
+
     def wait_workers(self, names: list[str], timeout: float = 60.0) -> None:
         from celery import Celery
 

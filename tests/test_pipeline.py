@@ -19,6 +19,7 @@ from workers.store import LocalStore
 pytestmark = pytest.mark.integration
 
 SECRET = "sk-test-3f9d1c7a-never-shown"
+FLOWER_AUTH = "admin:flower-test-pw"
 QUERIES = ["Alaskan Malamute", "Boykin Spaniel", "Toy Fox Terrier nodogchip"]
 SPEC = {"epochs": 3, "image_size": 48, "batch_size": 16, "num_workers": 0}
 
@@ -35,6 +36,7 @@ def cluster(tmp_path_factory):
         c.start_replay(api_key=SECRET)
         c.start_worker("download", "search,download", concurrency=2)
         c.start_worker("gpu", "gpu", concurrency=1, pool="threads")
+        c.flower = c.start_flower(FLOWER_AUTH)
         c.wait_workers(["download", "gpu"], timeout=120)
         c.store = LocalStore(work / "store")
         yield c
@@ -131,3 +133,20 @@ def test_the_api_key_never_leaves_the_workers(cluster):
     for path in Path(cluster.env["ATSCALE_STORE"]).rglob("*"):
         if path.is_file() and path.suffix in (".json", ".jsonl"):
             assert SECRET not in path.read_text(), path
+
+
+def test_flower_shows_the_run_but_not_the_key(cluster):
+    import requests
+
+    if not cluster.store.exists("datasets/e2e-dogs/status.json"):
+        pytest.skip("needs test_collect_breeds_end_to_end to have run first (run the module, not this test alone)")
+    assert requests.get(cluster.flower + "/api/tasks", timeout=10).status_code == 401  # auth is on
+    auth = tuple(FLOWER_AUTH.split(":"))
+    tasks = requests.get(cluster.flower + "/api/tasks", auth=auth, timeout=10)
+    assert tasks.status_code == 200
+    names = [t.get("name") for t in tasks.json().values()]
+    assert names.count("atscale.download_page") == 6 and names.count("atscale.train_dataset") == 1
+    assert SECRET not in tasks.text
+    workers = requests.get(cluster.flower + "/api/workers?refresh=1", auth=auth, timeout=30)
+    assert {w.split("@")[0] for w in workers.json()} >= {"download", "gpu"}
+    assert SECRET not in workers.text
