@@ -15,7 +15,7 @@ VISIBILITY_TIMEOUT = 12 * 3600
 
 settings = get_settings()
 app = Celery("atscale", broker=settings.broker_url, backend=settings.result_backend_url(),
-             include=["tasks.pipeline", "tasks.sweep"])
+             include=["tasks.pipeline", "tasks.sweep", "tasks.training"])
 app.conf.update(
     task_serializer="json",
     result_serializer="json",
@@ -30,6 +30,8 @@ app.conf.update(
         "atscale.download_page": {"queue": "download"},
         "atscale.finalize_dataset": {"queue": "search"},
         "atscale.train_dataset": {"queue": "gpu"},
+        "atscale.retrain": {"queue": "gpu"},
+        "atscale.evaluate": {"queue": "gpu"},
     },
     task_acks_late=True,
     task_reject_on_worker_lost=True,

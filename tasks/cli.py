@@ -21,7 +21,7 @@ from rich.console import Console
 console = Console()
 
 # modules that add sub-commands of their own, each with `register(subparsers)`
-COMMAND_MODULES: tuple[str, ...] = ("tasks.cli_fetch",)
+COMMAND_MODULES: tuple[str, ...] = ("tasks.cli_fetch", "tasks.cli_train")
 
 
 def _store():

@@ -25,6 +25,7 @@ from tasks.celery import app
 from tasks.request import parse_request
 from workers import coordination as co
 from workers.dataset import finalize
+from workers.failpoints import failpoint
 from workers.fetch import Fetcher
 from workers.names import slugify
 from workers.page import PageSpec, download_page as run_page, shard_key
@@ -227,6 +228,7 @@ class PageTask(DatasetTask):
 @app.task(name="atscale.download_page", base=PageTask, bind=True)
 def download_page(self, dataset: str, query: str, label: str, token_param: str | None, token: str | None,
                   ijn: int) -> dict:
+    failpoint("crash_page", label)
     store = get_store()
     req = parse_request(store.get_json(request_key(dataset)))
     try:

@@ -268,3 +268,24 @@ def test_s3_endpoint_unreachable_for_20s(tmp_path, monkeypatch):
     finally:
         moto.terminate()
         moto.wait(10)
+
+
+def test_poison_page_is_stopped_after_the_delivery_cap(tmp_path):
+    """A page whose task kills its worker process every time (as an OOM would): with late
+    ack and reject-on-worker-lost it comes back each time, until the cap stops it; the
+    page is reported failed and the rest of the dataset completes."""
+    c = start(tmp_path, ATSCALE_FAILPOINTS="crash_page:pug", ATSCALE_MAX_DELIVERIES=3)
+    try:
+        celery_call(c, {"queries": ["Pug", "Beagle", "Whippet"], "pages": 1, "dataset": "poison", "spec": TINY})
+        st = wait_state(c.store, "poison", timeout=300)
+        assert st["state"] == "partial", st.get("reason")
+        rep = c.store.get_json("datasets/poison/report.json")
+        (failed,) = rep["pages"]["failed"]
+        assert failed["label"] == "pug" and failed["reason"] == "poison"
+        assert "delivered 4 times" in failed["message"]
+        assert rep["classes"]["pug"] == 0 and rep["classes"]["beagle"] == expected_class_size("Beagle", 1)
+        log = (tmp_path / "download.log").read_text()
+        assert log.count("failpoint crash_page hit for pug") == 3  # ran 3 times, then was stopped
+        assert len(training_attempts(c.store, "poison")) == 1
+    finally:
+        c.stop()

@@ -150,3 +150,21 @@ def test_flower_shows_the_run_but_not_the_key(cluster):
     workers = requests.get(cluster.flower + "/api/workers?refresh=1", auth=auth, timeout=30)
     assert {w.split("@")[0] for w in workers.json()} >= {"download", "gpu"}
     assert SECRET not in workers.text
+
+
+def test_status_command_shows_the_dataset(cluster):
+    if not cluster.store.exists("datasets/e2e-dogs/status.json"):
+        pytest.skip("needs test_collect_breeds_end_to_end to have run first (run the module, not this test alone)")
+    atscale = [sys.executable, "-m", "tasks.cli"]
+    one = subprocess.run([*atscale, "status", "e2e-dogs", "--json"], env=cluster.env, capture_output=True,
+                         text=True, timeout=60, cwd=cluster.env["PYTHONPATH"].split(":")[0])
+    assert one.returncode == 0, one.stderr
+    st = json.loads(one.stdout)
+    assert (st["dataset"], st["state"], st["pages_done"], st["pages_total"]) == ("e2e-dogs", "done", 6, 6)
+    assert [h["state"] for h in st["history"]][-3:] == ["finalizing", "training", "done"]
+    table = subprocess.run([*atscale, "status"], env=cluster.env, capture_output=True, text=True, timeout=60,
+                           cwd=cluster.env["PYTHONPATH"].split(":")[0])
+    assert "e2e-dogs" in table.stdout and "done" in table.stdout
+    bad = subprocess.run([*atscale, "status", "../../etc"], env=cluster.env, capture_output=True, text=True,
+                         timeout=60, cwd=cluster.env["PYTHONPATH"].split(":")[0])
+    assert bad.returncode == 2 and "not a valid name" in bad.stdout
