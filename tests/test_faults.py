@@ -41,6 +41,25 @@ def assert_complete(store, dataset: str, queries: list[str], pages: int) -> dict
     return report
 
 
+def record_outcome(fault: str, store, dataset: str, **extra) -> None:
+    """Write what a fault run ended with to test-artifacts/faults.json (for the record)."""
+    import json
+
+    st = store.get_json(f"datasets/{dataset}/status.json")
+    rep = store.get_json_or(f"datasets/{dataset}/report.json") or {}
+    out = {"fault": fault, "state": st["state"], "reason": st.get("reason"), "images": rep.get("images"),
+           "duplicates_removed": rep.get("duplicates_removed"), "rejected": rep.get("rejected"),
+           "swept": st.get("swept"), **extra}
+    if st.get("run"):
+        out["training_attempts"] = len(store.get_json_or(f"runs/{st['run']}/attempts.json") or [])
+    path = Path(__file__).resolve().parent.parent / "test-artifacts" / "faults.json"
+    path.parent.mkdir(exist_ok=True)
+    rows = json.loads(path.read_text()) if path.exists() else []
+    rows = [r for r in rows if r["fault"] != fault] + [out]
+    path.write_text(json.dumps(rows, indent=2))
+    print(out)
+
+
 def training_attempts(store, dataset: str) -> list:
     run = store.get_json(f"datasets/{dataset}/status.json")["run"]
     assert store.get_json(f"runs/{run}/record.json")["status"] == "trained"
@@ -96,6 +115,10 @@ def test_serpapi_errors_and_a_raising_page(tmp_path):
         celery_call(c, {"queries": ["Boston Terrier", "Boykin Spaniel"], "pages": 1, "dataset": "after",
                         "train": False})
         assert wait_state(c.store, "after")["state"] == "done"
+        for name, fault in (("rate-limited", "SerpApi 429 then success"), ("server-errors", "SerpApi 500s on a page"),
+                            ("empty-class", "SerpApi no-results body"), ("bad-json", "SerpApi malformed JSON"),
+                            ("raising-page", "page task raises ValueError")):
+            record_outcome(fault, c.store, name)
     finally:
         c.stop()
 
@@ -112,6 +135,7 @@ def test_invalid_key_fails_the_dataset_at_once_without_a_retry_storm(tmp_path):
         searches = (tmp_path / "replay.log").read_text().count("/search.json")
         assert searches == 9  # one per query (9 default breeds), none retried, no page fetched
         assert c.store.list("datasets/bad-key/pages/") == []
+        record_outcome("SerpApi 401 invalid key", c.store, "bad-key", searches_sent=searches)
     finally:
         c.stop()
 
@@ -130,6 +154,7 @@ def test_same_dataset_called_twice_at_once_trains_once(tmp_path):
         celery_call(c, kwargs)  # and once more after it is done: nothing new happens
         time.sleep(3)
         assert len(training_attempts(c.store, "twice")) == 1
+        record_outcome("collect_breeds called twice at once + once after", c.store, "twice")
         assert c.store.get_json("datasets/twice/status.json")["state"] == "done"
     finally:
         c.stop()
@@ -151,6 +176,7 @@ def test_download_worker_killed_mid_run(tmp_path):
         assert st["state"] == "done", st.get("reason")
         assert_complete(c.store, "killed", queries, 3)
         assert len(training_attempts(c.store, "killed")) == 1
+        record_outcome("download worker SIGKILL mid-run", c.store, "killed", pages_done_at_kill=before)
         assert "re-sent" in st["swept"]  # the sweep moved on the pages the dead worker held
     finally:
         c.stop()
@@ -168,6 +194,7 @@ def test_redis_restarted_mid_run(tmp_path):
         assert st["state"] == "done", st.get("reason")
         assert_complete(c.store, "restart", queries, 3)
         assert len(training_attempts(c.store, "restart")) == 1
+        record_outcome("Redis restarted mid-run (AOF)", c.store, "restart")
     finally:
         c.stop()
 
@@ -262,6 +289,7 @@ def test_s3_endpoint_unreachable_for_20s(tmp_path, monkeypatch):
             assert down_pages < 6  # the outage really hit the run
             assert_complete(c.store, "s3-outage", queries, 3)
             assert len(training_attempts(c.store, "s3-outage")) == 1
+            record_outcome("S3 endpoint unreachable 20 s", c.store, "s3-outage", pages_done_during_outage=down_pages)
         finally:
             gate.close()
             c.stop()
@@ -287,5 +315,6 @@ def test_poison_page_is_stopped_after_the_delivery_cap(tmp_path):
         log = (tmp_path / "download.log").read_text()
         assert log.count("failpoint crash_page hit for pug") == 3  # ran 3 times, then was stopped
         assert len(training_attempts(c.store, "poison")) == 1
+        record_outcome("poison page (kills its worker)", c.store, "poison")
     finally:
         c.stop()
