@@ -132,8 +132,8 @@ def collect_breeds(self, **kwargs) -> dict:
         status = read_status(store, req.dataset) or {}
         if owner and owner.decode() == self.request.id:
             pass  # this very message, redelivered: carry on (every step is idempotent)
-        elif status.get("state") == "failed":
-            co.release_claim(r, claim)  # a failed dataset may be collected again
+        elif status.get("state") in (None, "failed"):
+            co.release_claim(r, claim)  # a failed (or since deleted) dataset may be collected again
             if not co.claim_once(r, claim, self.request.id or "direct"):
                 return {"dataset": req.dataset, "state": "collecting", "duplicate": True}
         else:
