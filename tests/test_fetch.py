@@ -640,3 +640,195 @@ def test_close_is_idempotent():
 
 def test_fetch_module_has_no_celery():
     assert "celery" not in fetch_mod.__dict__
+
+
+# ---------------------------------------------------------------------------
+# politeness: Retry-After, bounded retries with backoff, per-host cap, User-Agent
+# ---------------------------------------------------------------------------
+
+from email.utils import formatdate  # noqa: E402
+
+from workers.fetch import DEFAULT_USER_AGENT, HostSlots, parse_retry_after  # noqa: E402
+from workers.page import RetryPolicy, fetch_with_retries  # noqa: E402
+
+
+class ScriptServer:
+    """Loopback server answering each path from its own script of (status, headers, body)
+    (the last entry repeats); records the time of every request and the most
+    requests it ever had in flight at once."""
+
+    def __init__(self, host: str, scripts: dict[str, list], delay: float = 0.0):
+        owner = self
+        self.scripts = {p: list(s) for p, s in scripts.items()}
+        self.hits: dict[str, list[float]] = {p: [] for p in scripts}
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self.lock = threading.Lock()
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                with owner.lock:
+                    owner.in_flight += 1
+                    owner.max_in_flight = max(owner.max_in_flight, owner.in_flight)
+                    script = owner.scripts.get(self.path, [(404, {}, b"")])
+                    owner.hits.setdefault(self.path, []).append(time.monotonic())
+                    status, headers, body = script.pop(0) if len(script) > 1 else script[0]
+                try:
+                    if delay:
+                        time.sleep(delay)
+                    self.send_response(status)
+                    for k, v in {"Content-Length": str(len(body)), **headers}.items():
+                        self.send_header(k, v)
+                    self.end_headers()
+                    self.wfile.write(body)
+                finally:
+                    with owner.lock:
+                        owner.in_flight -= 1
+
+        self.httpd = _Server((host, 0))
+        self.httpd.RequestHandlerClass = Handler
+        self.host, self.port = self.httpd.server_address[:2]
+        threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+
+    def url(self, path: str) -> str:
+        return f"http://{self.host}:{self.port}{path}"
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def script_server():
+    servers = []
+
+    def make(scripts, host="127.0.0.1", delay=0.0):
+        servers.append(ScriptServer(host, scripts, delay))
+        return servers[-1]
+
+    yield make
+    for s in servers:
+        s.close()
+
+
+def test_parse_retry_after():
+    now = 1_700_000_000.0
+    assert parse_retry_after("120") == 120.0
+    assert parse_retry_after(" 0 ") == 0.0
+    assert parse_retry_after(formatdate(now + 30, usegmt=True), now=now) == pytest.approx(30, abs=1)
+    assert parse_retry_after(formatdate(now - 30, usegmt=True), now=now) == 0.0  # a date in the past: at once
+    for bad in (None, "", "soon", "-5", "1.5", "Wed, 99 Foo 2015 07:28:00 GMT"):
+        assert parse_retry_after(bad) is None, bad
+
+
+@pytest.mark.parametrize("status", [429, 503])
+def test_retry_after_is_honoured(script_server, status):
+    srv = script_server({"/img": [(status, {"Retry-After": "1"}, b"busy"), (200, {}, b"the image")]})
+    with Fetcher(allowed_networks="127.0.0.0/8") as f:
+        err = fetch_error(f, srv.url("/img"))  # one plain GET: the error carries the wait
+        assert (err.status, err.retry_after) == (status, 1.0) and "Retry-After 1 s" in err.detail
+        srv.scripts["/img"] = [(status, {"Retry-After": "1"}, b"busy"), (200, {}, b"the image")]
+        srv.hits["/img"].clear()
+        res = fetch_with_retries(f, srv.url("/img"), RetryPolicy(attempts=3, base_delay=0.01))
+    assert res.body == b"the image"
+    first, second = srv.hits["/img"]
+    assert second - first >= 1.0  # waited what the server asked, not the 10-20 ms backoff
+
+
+def test_retry_after_too_long_is_not_waited_for(script_server):
+    srv = script_server({"/img": [(503, {"Retry-After": "3600"}, b"down for maintenance")]})
+    with Fetcher(allowed_networks="127.0.0.0/8") as f:
+        with pytest.raises(FetchError) as info:
+            fetch_with_retries(f, srv.url("/img"), RetryPolicy(attempts=3, max_retry_after=30))
+    assert info.value.reason == "http_error" and info.value.status == 503
+    assert info.value.retry_after == 3600 and "not retried" in info.value.detail
+    assert len(srv.hits["/img"]) == 1
+
+
+def test_transient_errors_retried_a_bounded_number_of_times(script_server):
+    srv = script_server({"/5xx": [(502, {}, b"bad gateway")], "/404": [(404, {}, b"gone")],
+                         "/flaky": [(500, {}, b""), (503, {}, b""), (200, {}, b"finally")]})
+    policy = RetryPolicy(attempts=3, base_delay=0.05)
+    with Fetcher(allowed_networks="127.0.0.0/8") as f:
+        with pytest.raises(FetchError) as info:
+            fetch_with_retries(f, srv.url("/5xx"), policy)
+        assert info.value.status == 502
+        with pytest.raises(FetchError):
+            fetch_with_retries(f, srv.url("/404"), policy)
+        assert fetch_with_retries(f, srv.url("/flaky"), policy).body == b"finally"
+    assert len(srv.hits["/5xx"]) == 3  # bounded: three tries in all
+    assert len(srv.hits["/404"]) == 1  # a permanent error is not retried
+    t = srv.hits["/5xx"]
+    assert t[1] - t[0] >= 0.05 and t[2] - t[1] >= 0.1  # exponential: base, then twice base (or more)
+
+
+def test_backoff_is_exponential_with_jitter_and_capped():
+    policy = RetryPolicy(base_delay=0.5, max_delay=3.0)
+    waits = {a: [policy.backoff(a) for _ in range(200)] for a in (1, 2, 3, 6)}
+    assert all(0.5 <= w <= 1.0 for w in waits[1]) and all(1.0 <= w <= 2.0 for w in waits[2])
+    assert all(2.0 <= w <= 3.0 for w in waits[3]) and all(w == 3.0 for w in waits[6])
+    assert len({round(w, 6) for w in waits[1]}) > 100  # jittered: not one fixed value
+
+
+def test_per_host_concurrency_cap(script_server):
+    body = b"x" * 1000
+    a = script_server({f"/img/{i}": [(200, {}, body)] for i in range(8)}, host="127.0.0.1", delay=0.3)
+    b = script_server({f"/img/{i}": [(200, {}, body)] for i in range(8)}, host="127.0.0.3", delay=0.3)
+    urls = [srv.url(f"/img/{i}") for i in range(8) for srv in (a, b)]
+    with Fetcher(allowed_networks="127.0.0.0/8", per_host=2) as f:
+        with ThreadPoolExecutor(16) as pool:
+            results = list(pool.map(f.get, urls))
+        assert f._host_slots.active_keys() == 0  # no per-host state left behind
+    assert all(r.body == body for r in results)
+    assert a.max_in_flight == 2 and b.max_in_flight == 2  # 16 threads, yet two at a time per host
+
+
+def test_per_host_default_and_env(monkeypatch):
+    monkeypatch.delenv("ATSCALE_PER_HOST_CONNECTIONS", raising=False)
+    with Fetcher() as f:
+        assert f.per_host == 8
+    monkeypatch.setenv("ATSCALE_PER_HOST_CONNECTIONS", "3")
+    with Fetcher() as f:
+        assert f.per_host == 3
+    monkeypatch.setenv("ATSCALE_PER_HOST_CONNECTIONS", "many")
+    with pytest.raises(ValueError, match="ATSCALE_PER_HOST_CONNECTIONS"):
+        Fetcher()
+    with pytest.raises(ValueError):
+        HostSlots(0)
+
+
+def test_host_slots_wait_and_forget():
+    slots = HostSlots(1)
+    order = []
+
+    def second():
+        with slots.hold("h:80"):
+            order.append("second")
+
+    with slots.hold("h:80"):
+        t = threading.Thread(target=second)
+        t.start()
+        t.join(0.2)
+        assert order == [] and slots.active_keys() == 1  # the second holder waits for the slot
+        order.append("first")
+    t.join(2)
+    assert order == ["first", "second"] and slots.active_keys() == 0
+
+
+def test_default_user_agent_names_a_contact(srv1):
+    assert "+https://" in DEFAULT_USER_AGENT
+    ua = "atscale-test/1.0 (+mailto:datasets@example.org)"
+    with Fetcher(allowed_networks="127.0.0.0/8", user_agent=ua) as f:
+        res = f.get(srv1.url("/img/1"))
+    assert res.status == 200 and f._session.headers["User-Agent"] == ua
+
+
+def test_fetch_error_with_retry_after_pickles():
+    err = FetchError("http_error", "HTTP 429", status=429, retry_after=7.0)
+    back = pickle.loads(pickle.dumps(err))
+    assert (back.reason, back.status, back.retry_after) == ("http_error", 429, 7.0)

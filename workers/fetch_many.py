@@ -31,8 +31,24 @@ from typing import Iterable, Iterator
 
 log = logging.getLogger(__name__)
 
-_MP = mp.get_context("spawn")
 _CHUNK = 4  # URLs a thread takes from the queue at once
+# Worker processes are forked from a fork server (a clean, single-threaded
+# process started once) that has already imported these: a worker starts in
+# milliseconds instead of importing Pillow, numpy, requests ... again.
+_PRELOAD = ["workers.page", "workers.store", "workers.fetch_many", "scipy.fftpack"]
+
+
+# Each worker also runs the caller's __main__ module again (multiprocessing's
+# rule, as "__mp_main__"); for `atscale` that is tasks.cli, whose one heavy
+# import is rich: preloaded too, so that re-run costs nothing.
+_PRELOAD_FOR_MAIN = {"tasks.cli": ["rich.console"]}
+
+
+def _context():
+    ctx = mp.get_context("forkserver")
+    main = getattr(sys.modules.get("__main__"), "__spec__", None)
+    ctx.set_forkserver_preload(_PRELOAD + _PRELOAD_FOR_MAIN.get(getattr(main, "name", None), []))
+    return ctx
 
 
 @dataclass(frozen=True)
@@ -109,8 +125,26 @@ def output_row(row: dict, store_root: str | None) -> dict:
 # ---------------------------------------------------------------------------
 
 
+def _limit_malloc_arenas(arenas: int = 2) -> None:
+    """glibc gives each busy thread its own malloc arena (up to 8 per core), and
+    every arena keeps its high-water mark of decoded-image buffers: capping them
+    halves a worker's resident memory at no measurable cost in speed.  Done before
+    the threads start; left alone when MALLOC_ARENA_MAX is set or libc is not glibc."""
+    if os.environ.get("MALLOC_ARENA_MAX") or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-8, arenas)  # M_ARENA_MAX
+    except (OSError, AttributeError) as exc:  # musl or another libc: nothing to tune
+        log.debug("malloc arenas not limited: %s", exc)
+
+
 def _worker_main(opts: FetchOptions, threads: int, tasks, results, worker_id: int) -> None:
     logging.basicConfig(level=logging.WARNING, format=f"fetch worker {worker_id}: %(levelname)s %(message)s")
+    _limit_malloc_arenas()
     try:
         from workers.fetch import Fetcher
         from workers.page import PageSpec, RetryPolicy, process_one
@@ -172,9 +206,10 @@ class UrlRunner:
     def __iter__(self) -> Iterator[dict]:
         started = time.monotonic()
         total_threads = self.processes * self.threads
-        tasks = _MP.Queue(maxsize=max(2, 2 * total_threads // _CHUNK))
-        results = _MP.Queue()
-        procs = [_MP.Process(target=_worker_main, args=(self.opts, self.threads, tasks, results, i),
+        ctx = _context()
+        tasks = ctx.Queue(maxsize=max(2, 2 * total_threads // _CHUNK))
+        results = ctx.Queue()
+        procs = [ctx.Process(target=_worker_main, args=(self.opts, self.threads, tasks, results, i),
                              name=f"atscale-fetch-{i}", daemon=True) for i in range(self.processes)]
         for p in procs:
             p.start()
@@ -214,7 +249,7 @@ class UrlRunner:
                     dead = [p for i, p in enumerate(procs) if i not in done and not p.is_alive()]
                     if dead:
                         raise RuntimeError(f"fetch worker {dead[0].name} died (exit code {dead[0].exitcode}); "
-                                           f"{received} of the URLs sent had finished")
+                                           f"{received} of the {sent[0]} URLs handed out had finished")
                     continue
                 kind = msg[0]
                 if kind == "rows":
@@ -230,10 +265,14 @@ class UrlRunner:
                 raise feed_error[0]
         finally:
             stop.set()
+            if len(done) < self.processes:  # stopped early (error, caller stopped, Ctrl-C): no more work wanted
+                for p in procs:
+                    if p.is_alive():
+                        p.terminate()
             for p in procs:
                 p.join(timeout=5)
                 if p.is_alive():
-                    p.terminate()
+                    p.kill()
                     p.join(timeout=5)
             feeder.join(timeout=5)
             tasks.cancel_join_thread()

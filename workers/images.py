@@ -53,9 +53,10 @@ Pipeline, in order:
    images whose values all fit in 0..255 are kept as they are, float images
    in 0..1 are multiplied by 255, anything outside 0..65535 is min-max
    stretched) -- never clipped.
-6. Downscale with LANCZOS so the longest side is <= ``max_side`` (never
-   upscale).  JPEGs use ``draft()`` first (DCT scaling by a power of two,
-   always to a size >= the target).
+6. Downscale with area averaging (``RESAMPLE``, Pillow's BOX: what OpenCV's
+   INTER_AREA does) so the longest side is <= ``max_side`` (never upscale).
+   JPEGs use ``draft()`` first (DCT scaling by a power of two, always to a
+   size >= the target), so they are never decoded at full size.
 7. EXIF orientation applied (same mapping as ``ImageOps.exif_transpose``; it
    is applied to the already-downscaled image, which is equivalent and
    cheaper).  A corrupt EXIF block is logged and ignored (the image is kept
@@ -63,7 +64,7 @@ Pipeline, in order:
 8. Encoded as baseline JPEG, quality ``quality`` (90), ``optimize=False``,
    without EXIF, ICC, XMP or comments.  ``sha256`` is over these bytes;
    ``phash`` is ``imagehash.phash`` (64-bit, 16 hex digits) of the final image,
-   computed from a 32x32 greyscale thumbnail.
+   computed from a 32x32 greyscale thumbnail (area-averaged).
 """
 
 from __future__ import annotations
@@ -227,6 +228,14 @@ def _sniff_text(body: bytes) -> str | None:
 # thread-safe; serialise our (short, header-only) use of it.
 _WARNINGS_LOCK = threading.Lock()
 
+# Downscaling filter: area averaging (Pillow's BOX over the exact fractional
+# footprint of each output pixel), which is what OpenCV's INTER_AREA and
+# img2dataset's default "area" downsampling do; about 3x cheaper than LANCZOS
+# and free of ringing.  JPEGs arrive here already DCT-scaled by draft() to at
+# most twice the target size.
+RESAMPLE = Image.Resampling.BOX
+RESAMPLE_GAP = None
+
 _TRANSPOSE = {
     2: Image.Transpose.FLIP_LEFT_RIGHT,
     3: Image.Transpose.ROTATE_180,
@@ -358,7 +367,9 @@ def _target_size(w: int, h: int, max_side: int) -> tuple[int, int]:
 
 
 def _phash(img: Image.Image) -> str:
-    thumb = img.convert("L").resize((32, 32), Image.Resampling.LANCZOS, reducing_gap=2.0)
+    # imagehash.phash shrinks to 32x32 greyscale itself (LANCZOS); averaging the
+    # pixels down (BOX) first gives it the same low frequencies at a third of the cost
+    thumb = img.convert("L").resize((32, 32), Image.Resampling.BOX)
     return str(imagehash.phash(thumb))
 
 
@@ -444,7 +455,7 @@ def _normalise(body: bytes, max_side: int, min_side: int, max_pixels: int, quali
         orientation = _orientation(img)
         work = _to_working_mode(img)
         if work.size != (tw, th):
-            work = work.resize((tw, th), Image.Resampling.LANCZOS, reducing_gap=3.0)
+            work = work.resize((tw, th), RESAMPLE, reducing_gap=RESAMPLE_GAP)
         rgb = _flatten_to_rgb(work)
         method = _TRANSPOSE.get(orientation)
         if method is not None:

@@ -16,7 +16,9 @@ that is longer; a ``Retry-After`` beyond ``max_retry_after`` is not waited for
 from __future__ import annotations
 
 import logging
+import os
 import random
+import threading
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -29,6 +31,23 @@ from workers.store import ObjectStore, StoreError, retrying
 log = logging.getLogger(__name__)
 
 RETRY_STATUSES = (429, 500, 502, 503, 504)
+
+# Decoding is CPU work: more of it at once than a process can run only holds
+# more decoded pixels in memory (a 2000 px image is ~12 MB) and makes the
+# download threads wait longer for the GIL.  Threads beyond this many wait for
+# a slot after their download, holding only the compressed body.
+ENV_DECODE_SLOTS = "ATSCALE_DECODE_SLOTS"
+
+
+def _decode_slot_count() -> int:
+    text = os.environ.get(ENV_DECODE_SLOTS, "").strip()
+    try:
+        return max(1, int(text)) if text else 2
+    except ValueError:
+        raise ValueError(f"{ENV_DECODE_SLOTS}: {text!r} is not a whole number") from None
+
+
+_DECODE_SLOTS = threading.BoundedSemaphore(_decode_slot_count())
 
 
 @dataclass
@@ -101,11 +120,10 @@ def process_one(store: ObjectStore, fetcher: Fetcher, spec: PageSpec, position: 
     row = {"label": spec.label, "ijn": spec.ijn, "position": position, "url": url}
     try:
         res = fetch_with_retries(fetcher, url, retry)
-        img = normalise_image(res.body, max_side=spec.max_side, min_side=spec.min_side)
+        with _DECODE_SLOTS:
+            img = normalise_image(res.body, max_side=spec.max_side, min_side=spec.min_side)
     except (FetchError, ImageRejected) as exc:
         return {**row, "status": "rejected", "reason": exc.reason, "detail": str(exc.detail)[:200]}
-    except StoreError:
-        raise
     except Exception as exc:  # a bug must cost one URL, not the page: logged with its traceback, counted
         log.exception("unexpected error on %s", redact_url(url) if isinstance(url, str) else type(url).__name__)
         return {**row, "status": "rejected", "reason": "internal_error", "detail": f"{type(exc).__name__}: {exc}"[:200]}
