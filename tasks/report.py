@@ -23,7 +23,9 @@ def print_report(console: Console, report: dict) -> None:
     console.print(f"rejected by reason: {rejected}")
     d = report.get("duplicates", {})
     console.print(f"duplicates removed: {report['duplicates_removed']} "
-                  f"({d.get('within_class', 0)} within a class, {d.get('cross_class', 0)} found under two classes)")
+                  f"({d.get('within_class', 0)} exact and {d.get('near_within_class', 0)} near within a class, "
+                  f"{d.get('cross_class', 0)} exact and {d.get('near_cross_class', 0)} near across classes, "
+                  f"{d.get('junk', 0)} junk: one picture under {d.get('junk_min_classes', 4)}+ classes)")
     for label, note in report.get("search_notes", {}).items():
         console.print(f"[yellow]search note[/] {label}: {note}")
     for f in report.get("pages", {}).get("failed", []):
