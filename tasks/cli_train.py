@@ -11,7 +11,6 @@
 """
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
@@ -266,8 +265,10 @@ def cmd_evaluate(args) -> int:
         from tasks.celery import app
 
         res = app.send_task("atscale.evaluate", args=[run, args.dataset])
-        print(json.dumps({"run": run, "task_id": res.id})) if args.json else _console().print(
-            f"queued evaluation of {run} (task {res.id}); see it with: atscale runs show {run}")
+        if args.json:
+            print(json.dumps({"run": run, "task_id": res.id}))
+        else:
+            _console().print(f"queued evaluation of {run} (task {res.id}); see it with: atscale runs show {run}")
         return 0
     from workers.predict import evaluate_run
 

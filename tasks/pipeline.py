@@ -294,7 +294,7 @@ def finalize_dataset(self, dataset: str) -> dict:
 
 def send_training(dataset: str, run: str, spec: dict) -> None:
     record = get_store().get_json_or(run_key(run, "record.json")) or {}
-    if record.get("status") not in ("training", "trained"):
+    if record.get("status") not in ("training", "trained", "evaluated"):
         get_store().put_json(run_key(run, "record.json"),
                              {**record, "run": run, "dataset": dataset, "spec": spec, "status": "queued",
                               "queued_at": time.time()})
@@ -307,7 +307,7 @@ def train_dataset(self, dataset: str, run: str, spec: dict) -> dict:
     trained again, and while one worker trains (its lease alive) no other starts."""
     store = get_store()
     record = store.get_json_or(run_key(run, "record.json")) or {}
-    if record.get("status") == "trained":
+    if record.get("status") in ("trained", "evaluated"):
         log.info("run %s already trained; not training again", run)
         finish_dataset(dataset, run, record.get("val_accuracy"))
         return {"run": run, "val_accuracy": record.get("val_accuracy"), "skipped": "trained"}

@@ -80,7 +80,7 @@ def sweep_dataset(dataset: str, now: float | None = None) -> str | None:
         run = status.get("run")
         if run and not co.lease_alive(r, f"train:{run}"):
             record = store.get_json_or(p.run_key(run, "record.json")) or {}
-            if record.get("status") == "trained":
+            if record.get("status") in ("trained", "evaluated"):
                 p.finish_dataset(dataset, run, record.get("val_accuracy"))
                 action = "run already trained; dataset finished"
             else:

@@ -44,7 +44,7 @@ def test_gpu_worker_is_pinned_and_runs_one_task():
 
 
 def test_entry_task_is_registered_under_its_exact_name():
-    import tasks.pipeline  # noqa: F401  (registers the tasks)
+    app.loader.import_default_modules()  # registers the tasks of every module in `include`
 
     assert "collect_breeds" in app.tasks
     for route in app.conf.task_routes:

@@ -215,6 +215,11 @@ def test_layers_are_built_with_auto_sizes_and_n_labels():
       {"name": "Linear", "out_features": "n_labels"}], "layer 0 (Conv2d): does not fit an input of shape (1, 3, 32, 32)"),
     ([{"name": "Flatten"}, {"name": "Linear", "out_features": "n_labels"}, {"name": "Linear", "out_features": 7}],
      "the model's output has shape (1, 7)"),
+    # sizes that would exhaust memory are refused before anything is allocated
+    ([{"name": "Conv2d", "out_channels": 10_000_000, "kernel_size": 1}, {"name": "Flatten"},
+      {"name": "Linear", "out_features": "n_labels"}], "layer 0 (Conv2d): gives 10,240,000,000 values per image"),
+    ([{"name": "Flatten"}, {"name": "Linear", "out_features": 1_000_000}, {"name": "Linear", "out_features": "n_labels"}],
+     "layer 1 (Linear): the model would have more than 1,000,000,000 parameters"),
 ])
 def test_layers_that_do_not_fit_are_refused_before_training(layers, message):
     from workers.build import BuildError, check_buildable
@@ -249,7 +254,9 @@ def test_optimizer_criterion_scheduler_and_transforms_are_built_from_the_spec():
     assert isinstance(sched, torch.optim.lr_scheduler.MultiStepLR) and not per_batch and not watches
     x = train_transform(spec)(Image.new("RGB", (123, 77), (200, 30, 30)))
     assert x.shape == (3, 40, 40) and x.dtype == torch.float32
-    assert torch.allclose(x[0], x[1]) or torch.allclose(x[1], x[2])  # grayscale: the channels agree
+    mean, std = torch.tensor(spec.normalize.mean).view(3, 1, 1), torch.tensor(spec.normalize.std).view(3, 1, 1)
+    pixels = x * std + mean  # grayscale: before normalisation, the three channels are equal
+    assert torch.allclose(pixels[0], pixels[1], atol=1e-5) and torch.allclose(pixels[1], pixels[2], atol=1e-5)
 
     one = parse_spec({"model": TINY_LAYERS, "epochs": 3, "optimizer": {"name": "AdamW", "lr": 0.01},
                       "lr_scheduler": {"name": "OneCycleLR"}})

@@ -21,6 +21,9 @@ from workers.spec import (CRITERIA, LAYERS, OPTIMIZERS, PER_BATCH_SCHEDULERS, SC
 # the draft size JPEG decoding may shrink to before the transforms (a multiple of the input size)
 DRAFT_FACTOR = 2
 VAL_RESIZE = 1.14  # shorter side resized to image_size * 1.14, then centre-cropped (like 256/224)
+# a layers model larger than this is refused before anything is allocated
+MAX_PARAMETERS = 1_000_000_000
+MAX_ACTIVATIONS = 256_000_000  # values in one layer's output, per image
 
 
 class BuildError(ValueError):
@@ -63,11 +66,24 @@ def _tuples(params: dict, keep_lists: tuple[str, ...] = ()) -> dict:
 
 
 # -- model ----------------------------------------------------------------------------------
+def _weights_of(name: str, p: dict) -> int:
+    """Parameters a layer will allocate (the big ones; norms and activations are small)."""
+    if name == "Linear":
+        return p["in_features"] * p["out_features"]
+    if name == "Conv2d":
+        k = p["kernel_size"]
+        kk = k[0] * k[-1] if isinstance(k, list) else k * k
+        return p["in_channels"] * p["out_channels"] * kk // max(1, p.get("groups") or 1)
+    return 0
+
+
 def build_layers(layers: list[dict], n_classes: int, image_size: int):
+    """Resolve "auto"/"n_labels" and check every size on the meta device (shapes only,
+    nothing allocated), then build the layers for real."""
     import torch
 
-    x = torch.zeros(1, 3, image_size, image_size)
-    built = []
+    x = torch.zeros(1, 3, image_size, image_size, device="meta")
+    resolved, total = [], 0
     with torch.no_grad():
         for i, spec in enumerate(layers):
             name = spec["name"]
@@ -94,20 +110,29 @@ def build_layers(layers: list[dict], n_classes: int, image_size: int):
                 elif actual is not None and value != actual and not (key == "normalized_shape" and [value] == actual):
                     raise BuildError(f"{where}: {key} is {value} but the previous layer gives {actual} "
                                      f"(input shape {shape}); write \"auto\"")
+            total += _weights_of(name, params)
+            if total > MAX_PARAMETERS:
+                raise BuildError(f"{where}: the model would have more than {MAX_PARAMETERS:,} parameters "
+                                 f"(input shape {shape}); make it smaller")
+            kwargs = _tuples(params, keep_lists=("normalized_shape",))
             try:
-                layer = _lookup("layers", name)(**_tuples(params, keep_lists=("normalized_shape",)))
+                with torch.device("meta"):
+                    layer = _lookup("layers", name)(**kwargs)
                 layer.eval()
                 x = layer(x)
             except BuildError:
                 raise
             except Exception as exc:
                 raise BuildError(f"{where}: does not fit an input of shape {shape}: {exc}") from None
-            built.append(layer)
+            if x.numel() > MAX_ACTIVATIONS:
+                raise BuildError(f"{where}: gives {x.numel():,} values per image (shape {tuple(x.shape)}); "
+                                 f"at most {MAX_ACTIVATIONS:,}: make it smaller")
+            resolved.append((name, kwargs))
     if tuple(x.shape) != (1, n_classes):
         raise BuildError(f"the model's output has shape {tuple(x.shape)} for one image; it must be (1, {n_classes}) "
                          f"(one score per class): end with a Linear layer with out_features \"n_labels\" "
                          f"(after a Flatten)")
-    model = torch.nn.Sequential(*built)
+    model = torch.nn.Sequential(*[_lookup("layers", name)(**kwargs) for name, kwargs in resolved])
     model.train()
     return model
 

@@ -13,6 +13,7 @@ On a gpu worker, make the GPUs visible: `CUDA_VISIBLE_DEVICES=0,1,2,3`.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import subprocess
@@ -27,9 +28,11 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def command(store_url: str, dataset: str, run: str, spec: TrainSpec, *, cache_dir, force: bool) -> list[str]:
+    # one JSON argument: torchrun's own parser would otherwise read options such as --run as its own
+    job = {"store": store_url, "dataset": dataset, "run": run, "cache_dir": str(cache_dir), "force": force,
+           "spec": spec.model_dump()}
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={spec.nproc_per_node}",
-            "-m", "workers.ddp", "--store", store_url, "--dataset", dataset, "--run", run,
-            "--cache-dir", str(cache_dir), "--spec", spec.model_dump_json()] + (["--force"] if force else [])
+            "-m", "workers.ddp", json.dumps(job)]
 
 
 def launch(store: ObjectStore, dataset: str, run: str, spec: TrainSpec, *, cache_dir, force: bool = False) -> dict:
@@ -59,18 +62,10 @@ def main(argv: list[str] | None = None) -> int:
     from workers.train import Dist, train_process
 
     p = argparse.ArgumentParser(prog="python -m workers.ddp", description="one rank of a DDP training (torchrun)")
-    p.add_argument("--store", required=True)
-    p.add_argument("--dataset", required=True)
-    p.add_argument("--run", required=True)
-    p.add_argument("--cache-dir", required=True)
-    p.add_argument("--spec", required=True, help="the training spec, JSON")
-    p.add_argument("--force", action="store_true")
-    args = p.parse_args(argv)
+    p.add_argument("job", help='JSON: {"store", "dataset", "run", "cache_dir", "force", "spec"}')
+    job = json.loads(p.parse_args(argv).job)
     logging.basicConfig(level=logging.INFO, format=f"[rank {os.environ.get('RANK', '?')}] %(levelname)s %(message)s")
-
-    import json
-
-    spec = parse_spec(json.loads(args.spec))
+    spec = parse_spec(job["spec"])
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if torch.cuda.is_available():
@@ -78,8 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     dist.init_process_group(backend=backend)
     try:
         ctx = Dist(rank=dist.get_rank(), world=dist.get_world_size(), local_rank=local_rank)
-        train_process(open_store(args.store), args.dataset, args.run, spec, cache_dir=args.cache_dir, force=args.force,
-                      dist=ctx)
+        train_process(open_store(job["store"]), job["dataset"], job["run"], spec, cache_dir=job["cache_dir"],
+                      force=bool(job["force"]), dist=ctx)
     finally:
         dist.destroy_process_group()
     return 0

@@ -99,6 +99,13 @@ def _png(fig) -> bytes:
     return buf.getvalue()
 
 
+def _integer_epochs(*axes) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    for ax in axes:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
 def plot_curves(metrics: dict) -> bytes:
     plt = _plt()
     ep = list(range(1, len(metrics["train_loss"]) + 1))
@@ -113,6 +120,7 @@ def plot_curves(metrics: dict) -> bytes:
     if metrics.get("best_epoch"):
         b.axvline(metrics["best_epoch"], ls=":", color="tab:red", label="best epoch")
     b.set_ylim(0, 1.02); b.set_xlabel("epoch"); b.legend(loc="lower right"); b.set_title("accuracy")
+    _integer_epochs(a, b)
     fig.suptitle(metrics["run"], fontsize=9)
     fig.tight_layout()
     return _png(fig)
@@ -181,8 +189,11 @@ def plot_comparison(dataset: str, rows: list[dict]) -> bytes:
         b.plot(ep, m["train_loss"], ls="--", color=line.get_color(), alpha=0.5)
     if rows and rows[0]["metrics"].get("chance"):
         a.axhline(rows[0]["metrics"]["chance"], ls="--", color="grey", label="chance")
-    a.set_ylim(0, 1.02); a.set_xlabel("epoch"); a.set_title("validation accuracy"); a.legend(fontsize=7)
+    a.set_ylim(0, 1.02); a.set_xlabel("epoch"); a.set_title("validation accuracy")
+    if rows:
+        a.legend(fontsize=7)
     b.set_xlabel("epoch"); b.set_title("loss (solid: validation, dashed: training)")
+    _integer_epochs(a, b)
     fig.suptitle(f"runs on dataset {dataset}", fontsize=10)
     fig.tight_layout()
     return _png(fig)

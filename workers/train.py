@@ -22,7 +22,6 @@ request validation of `collect_breeds`, which must stay cheap.
 from __future__ import annotations
 
 import io
-import json
 import logging
 import math
 import os
@@ -425,7 +424,7 @@ def _train(store, dataset, run, spec: TrainSpec, *, cache_dir, progress, force, 
                "unknown_label_images": split_info["unknown_label_images"],
                "epochs": 0, "train_loss": [], "val_loss": [], "train_accuracy": [], "val_accuracy_per_epoch": [],
                "lr": [], "epoch_seconds": [], "epoch_train_seconds": [], "per_epoch": [], "resumed_from": []}
-    start_epoch, best, best_state = 0, -1.0, None
+    start_epoch, best, best_loss, best_state = 0, -1.0, math.inf, None
     ck_key = run_key(run, CHECKPOINT)
     if force:
         if dist.main:
@@ -438,7 +437,10 @@ def _train(store, dataset, run, spec: TrainSpec, *, cache_dir, progress, force, 
             optimizer.load_state_dict(ck["optimizer"])
             if scheduler is not None and ck.get("lr_scheduler") is not None:
                 scheduler.load_state_dict(ck["lr_scheduler"])
-            start_epoch, best, metrics = ck["epoch"], ck["best"], ck["metrics"]
+            start_epoch, best, best_loss, fresh = ck["epoch"], ck["best"], ck.get("best_loss", math.inf), metrics
+            metrics = ck["metrics"]
+            for key in ("device", "device_name", "world_size", "amp", "channels_last", "num_workers"):
+                metrics[key] = fresh[key]  # where this attempt runs (it may be another machine)
             metrics["resumed_from"].append(start_epoch)
             metrics["resumed_from_epoch"] = start_epoch
             if dist.main and best >= 0:
@@ -486,8 +488,8 @@ def _train(store, dataset, run, spec: TrainSpec, *, cache_dir, progress, force, 
                                      "val_loss": round(ev["loss"], 5), "val_accuracy": round(ev["accuracy"], 5),
                                      "train_accuracy": round(train_acc, 5), "lr": lr, "train_samples": tr_n,
                                      "val_samples": ev["n"], "seen_per_class": dict(zip(classes, tr["seen"].tolist()))})
-        if ev["accuracy"] > best:
-            best = ev["accuracy"]
+        if (ev["accuracy"], -ev["loss"]) > (best, -best_loss):  # the best accuracy; on a tie, the lower loss
+            best, best_loss = ev["accuracy"], ev["loss"]
             metrics.update(best_epoch=epoch + 1, confusion=ev["confusion"], per_class_accuracy=ev["per_class_accuracy"])
             if dist.main:
                 best_state = {key: v.detach().to("cpu", copy=True) for key, v in model.state_dict().items()}
@@ -499,7 +501,8 @@ def _train(store, dataset, run, spec: TrainSpec, *, cache_dir, progress, force, 
             retrying(store.put_bytes, ck_key, _checkpoint_bytes({
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "lr_scheduler": scheduler.state_dict() if scheduler is not None else None,
-                "epoch": epoch + 1, "best": best, "metrics": metrics, "digest": spec.digest(), "classes": classes}))
+                "epoch": epoch + 1, "best": best, "best_loss": best_loss, "metrics": metrics, "digest": spec.digest(),
+                "classes": classes}))
             update_record(store, run, epoch=epoch + 1, epochs=spec.epochs, val_accuracy=round(best, 5))
             log.info("run %s epoch %d/%d: train loss %.4f, val loss %.4f, val acc %.3f (%.1fs)", run, epoch + 1,
                      spec.epochs, train_loss, ev["loss"], ev["accuracy"], secs)
