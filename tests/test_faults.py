@@ -129,7 +129,9 @@ def test_invalid_key_fails_the_dataset_at_once_without_a_retry_storm(tmp_path):
         celery_call(c, {"pages": 2, "dataset": "bad-key"})
         st = wait_state(c.store, "bad-key", timeout=120)
         assert st["state"] == "failed"
-        assert "Invalid API key. Your API key should be here: https://serpapi.com/manage-api-key" in st["reason"]
+        assert st["reason"].startswith("atscale.resolve_query failed: SerpApi refused the API key (HTTP 401): "
+                                       "Invalid API key. Your API key should be here: "
+                                       "https://serpapi.com/manage-api-key")
         assert "wrong-key-123" not in st["reason"]
         time.sleep(2)  # anything still in flight would reach the replay service now
         searches = (tmp_path / "replay.log").read_text().count("/search.json")

@@ -36,14 +36,18 @@ class SearchError(Exception):
             no_results | bad_request | bad_response | unreachable
     """
 
-    def __init__(self, reason: str, message: str, *, status: int | None = None, retryable: bool = False,
+    def __init__(self, reason: str, message: str, status: int | None = None, retryable: bool = False,
                  retry_after: float | None = None):
-        super().__init__(message)
+        # all in args, so that Celery can rebuild it from a JSON result (cls(*args))
+        super().__init__(reason, message, status, retryable, retry_after)
         self.reason = reason
         self.message = message
         self.status = status
         self.retryable = retryable
         self.retry_after = retry_after
+
+    def __str__(self) -> str:
+        return self.message
 
     def to_dict(self) -> dict:
         return {"reason": self.reason, "message": self.message, "status": self.status}
