@@ -25,13 +25,17 @@ def base_env(work: Path, **extra) -> dict:
 def start(work: Path, *, api_key: str = SECRET, image_delay: float = 0.0, download_workers=("download",),
           appendonly: bool = False, replay_key: str | None = None, **env) -> Cluster:
     c = Cluster(work, base_env(work, **env))
-    c.start_redis(appendonly=appendonly)
-    c.start_replay(api_key=replay_key or api_key, image_delay=image_delay, verbose=True)
-    c.env["SERPAPI_API_KEY"] = api_key
-    for name in download_workers:
-        c.start_worker(name, "search,download", concurrency=2)
-    c.start_worker("gpu", "gpu", concurrency=1, pool="threads")
-    c.wait_workers([*download_workers, "gpu"], timeout=120)
+    try:
+        c.start_redis(appendonly=appendonly)
+        c.start_replay(api_key=replay_key or api_key, image_delay=image_delay, verbose=True)
+        c.env["SERPAPI_API_KEY"] = api_key
+        for name in download_workers:
+            c.start_worker(name, "search,download", concurrency=2)
+        c.start_worker("gpu", "gpu", concurrency=1, pool="threads")
+        c.wait_workers([*download_workers, "gpu"], timeout=120)
+    except BaseException:
+        c.stop()  # nothing started here outlives a failed start
+        raise
     c.store = LocalStore(work / "store") if not c.env["ATSCALE_STORE"].startswith("s3://") else None
     return c
 

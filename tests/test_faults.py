@@ -275,10 +275,10 @@ def test_s3_endpoint_unreachable_for_20s(tmp_path, monkeypatch):
         s3env = dict(ATSCALE_STORE="s3://faults/atscale", AWS_ENDPOINT_URL_S3=f"http://127.0.0.1:{gate.port}",
                      AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
         c = start(tmp_path, image_delay=0.1, ATSCALE_DOWNLOAD_THREADS=4, ATSCALE_STALL_SECONDS=60, **s3env)
-        from workers.store import S3Store
-
-        c.store = S3Store("faults", "atscale", endpoint_url=f"http://127.0.0.1:{moto_port}")  # the test's own view
         try:
+            from workers.store import S3Store
+
+            c.store = S3Store("faults", "atscale", endpoint_url=f"http://127.0.0.1:{moto_port}")  # the test's view
             queries = ["Catahoula Leopard Dog", "Chesapeake Bay Retriever"]
             celery_call(c, {"queries": queries, "pages": 3, "dataset": "s3-outage", "spec": TINY})
             wait_for(lambda: len(c.store.list("datasets/s3-outage/pages/")) >= 1, what="a first page")
