@@ -22,15 +22,19 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def wait_port(host: str, port: int, timeout: float = 20.0) -> None:
+def wait_port(host: str, port: int, timeout: float = 20.0, proc: subprocess.Popen | None = None,
+              what: str = "") -> None:
+    """Wait until something listens on host:port; fail early if `proc` (the server) exits."""
     end = time.time() + timeout
     while time.time() < end:
         try:
             with socket.create_connection((host, port), timeout=0.5):
                 return
         except OSError:
+            if proc is not None and proc.poll() is not None:
+                raise RuntimeError(f"{what or 'server'} on {host}:{port} exited with {proc.returncode}") from None
             time.sleep(0.05)
-    raise TimeoutError(f"nothing listens on {host}:{port} after {timeout:.0f}s")
+    raise TimeoutError(f"nothing listens on {host}:{port} after {timeout:.0f}s {f'({what})' if what else ''}")
 
 
 def redis_server_binary() -> str:

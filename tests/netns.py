@@ -36,6 +36,7 @@ import signal
 import subprocess
 import time
 from pathlib import Path
+from tasks.embedded import wait_port
 
 IP = shutil.which("ip") or "/usr/sbin/ip"
 NAME_RE = re.compile(r"^ats(\d+)-")
@@ -360,22 +361,6 @@ ROOT = Path(__file__).resolve().parent.parent
 HUB_PORTS = {"redis": 6379, "s3": 9000, "replay": 8765, "flower": 5555}
 
 
-def _wait_port(host: str, port: int, timeout: float = 60.0, proc: subprocess.Popen | None = None,
-               what: str = "") -> None:
-    import socket
-
-    end = time.time() + timeout
-    while time.time() < end:
-        try:
-            with socket.create_connection((host, port), timeout=0.5):
-                return
-        except OSError:
-            if proc is not None and proc.poll() is not None:
-                raise RuntimeError(f"{what or 'server'} on {host}:{port} exited with {proc.returncode}") from None
-            time.sleep(0.1)
-    raise TimeoutError(f"nothing listens on {host}:{port} after {timeout:.0f}s ({what})")
-
-
 class HostCluster:
     """atscale across hosts, configured only by the environment variables a user sets:
 
@@ -459,8 +444,8 @@ class HostCluster:
             line = replay.stdout.readline().decode()
             if not line:
                 raise RuntimeError(f"replay service did not start: {hub.log('replay')[-2000:]}")
-            _wait_port(addr, HUB_PORTS["redis"], proc=redis_proc, what="redis")
-            _wait_port(addr, HUB_PORTS["s3"], proc=s3, what="moto S3 server")
+            wait_port(addr, HUB_PORTS["redis"], proc=redis_proc, what="redis")
+            wait_port(addr, HUB_PORTS["s3"], proc=s3, what="moto S3 server")
         except BaseException:
             self.close()
             raise
@@ -520,7 +505,7 @@ class HostCluster:
         proc = hub.run([sys.executable, "-m", "celery", "-A", "tasks", "flower", f"--address={hub.addr}",
                         f"--port={HUB_PORTS['flower']}", f"--basic-auth={self.FLOWER_AUTH}"],
                        self.env(hub), name="flower", cwd=ROOT)
-        _wait_port(hub.addr, HUB_PORTS["flower"], timeout=90, proc=proc, what="flower")
+        wait_port(hub.addr, HUB_PORTS["flower"], timeout=90, proc=proc, what="flower")
         self.flower_url = f"http://{hub.addr}:{HUB_PORTS['flower']}"
         return self.flower_url
 

@@ -706,7 +706,7 @@ def test_fixture_exif_orientation_matches_baseline(orientation):
     baseline_path = FIXTURES / "jpeg_baseline_rgb__hopper.jpg"
     matches = sorted(FIXTURES.glob(f"jpeg_exif_orientation{orientation}__*.jpg"))
     if not baseline_path.exists() or not matches:
-        pytest.skip("orientation fixtures not present")
+        pytest.skip(reason="orientation fixtures not present")
     baseline = decode(normalise_image(baseline_path.read_bytes()).data)
     out = normalise_image(matches[0].read_bytes())
     img = decode(out.data)

@@ -119,7 +119,7 @@ def test_bad_arguments_fail_with_a_clear_message(cluster):
 def test_the_api_key_never_leaves_the_workers(cluster):
     """After the run: not in worker logs, not in the result backend, not in the store."""
     if not cluster.store.exists("datasets/e2e-dogs/status.json"):
-        pytest.skip("needs test_collect_breeds_end_to_end to have run first (run the module, not this test alone)")
+        pytest.skip(reason="needs test_collect_breeds_end_to_end to have run first (run the module, not this test alone)")
     for log in cluster.workdir.glob("*.log"):
         assert SECRET not in log.read_text(errors="replace"), log.name
     r = redis.Redis.from_url(cluster.env["CELERY_BROKER_URL"])
@@ -139,7 +139,7 @@ def test_flower_shows_the_run_but_not_the_key(cluster):
     import requests
 
     if not cluster.store.exists("datasets/e2e-dogs/status.json"):
-        pytest.skip("needs test_collect_breeds_end_to_end to have run first (run the module, not this test alone)")
+        pytest.skip(reason="needs test_collect_breeds_end_to_end to have run first (run the module, not this test alone)")
     assert requests.get(cluster.flower + "/api/tasks", timeout=10).status_code == 401  # auth is on
     auth = tuple(FLOWER_AUTH.split(":"))
     tasks = requests.get(cluster.flower + "/api/tasks", auth=auth, timeout=10)
@@ -154,7 +154,7 @@ def test_flower_shows_the_run_but_not_the_key(cluster):
 
 def test_status_command_shows_the_dataset(cluster):
     if not cluster.store.exists("datasets/e2e-dogs/status.json"):
-        pytest.skip("needs test_collect_breeds_end_to_end to have run first (run the module, not this test alone)")
+        pytest.skip(reason="needs test_collect_breeds_end_to_end to have run first (run the module, not this test alone)")
     atscale = [sys.executable, "-m", "tasks.cli"]
     one = subprocess.run([*atscale, "status", "e2e-dogs", "--json"], env=cluster.env, capture_output=True,
                          text=True, timeout=60, cwd=cluster.env["PYTHONPATH"].split(":")[0])

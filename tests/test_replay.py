@@ -505,7 +505,7 @@ def _fixture_files():
 @pytest.mark.parametrize("path", _fixture_files() or [None], ids=lambda p: p.name if p else "no-fixtures")
 def test_shape_matches_real_serpapi_fixture(server, http, path):
     if path is None:
-        pytest.skip(f"{FIXTURES} does not exist or holds no JSON: no recorded SerpApi responses to compare with")
+        pytest.skip(reason=f"{FIXTURES} does not exist or holds no JSON: no recorded SerpApi responses to compare with")
     real = json.loads(path.read_text())
     # replay the recorded request against our server
     params = {k: v for k, v in real["search_parameters"].items() if isinstance(v, str)}
