@@ -57,18 +57,45 @@ def cmd_status(args) -> int:
     return 0
 
 
+def load_spec_file(path: str) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except OSError as exc:
+        raise ValueError(f"cannot read spec file {path}: {exc.strerror or exc}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"spec file {path} is not valid JSON: {exc}") from None
+
+
+def check_broker(url: str) -> None:
+    """Fail in words, at once, when the broker cannot be reached."""
+    import redis
+
+    try:
+        redis.Redis.from_url(url, socket_connect_timeout=3, socket_timeout=3).ping()
+    except redis.RedisError as exc:
+        raise ConnectionError(f"cannot reach Redis at {redact(url)} (CELERY_BROKER_URL): {exc}") from None
+
+
+def redact(url: str) -> str:
+    from urllib.parse import urlsplit
+
+    p = urlsplit(url)
+    return url.replace(p.password, "***") if p.password else url
+
+
 def cmd_collect(args) -> int:
     from tasks.request import parse_request
+    from workers.settings import get_settings
 
     kwargs = {k: v for k, v in {"queries": args.queries, "chips_name": args.chips_name, "pages": args.pages,
-                                "dataset": args.dataset, "no_cache": args.no_cache or None}.items() if v is not None}
+                                "dataset": args.dataset, "no_cache": args.no_cache or None, "size": args.size,
+                                "engine": args.engine, "on_missing_chip": args.on_missing_chip,
+                                "val_percent": args.val_percent, "google_domain": args.google_domain,
+                                "train": False if args.no_train else None}.items() if v is not None}
     if args.spec:
-        kwargs["spec"] = json.loads(Path(args.spec).read_text())
-    try:
-        req = parse_request(kwargs)
-    except ValueError as exc:
-        console.print(f"[red]{exc}[/]")
-        return 2
+        kwargs["spec"] = load_spec_file(args.spec)
+    req = parse_request(kwargs)  # ValueError: printed by main(), exit 2
+    check_broker(get_settings().broker_url)
     from tasks.celery import app
 
     res = app.send_task("collect_breeds", kwargs=kwargs)
@@ -84,7 +111,26 @@ def cmd_replay(args) -> int:
 
 
 def cmd_demo(args) -> int:
+    import signal
+
     from tasks.embedded import Cluster
+    from tasks.request import parse_request
+
+    kwargs: dict = {"pages": args.pages, "spec": {"epochs": args.epochs}}
+    if args.queries:
+        kwargs["queries"] = args.queries
+    if args.dataset is not None:
+        kwargs["dataset"] = args.dataset
+    dataset = parse_request(kwargs).dataset  # checked before anything starts
+    if "CELERY_BROKER_URL" in os.environ:
+        check_broker(os.environ["CELERY_BROKER_URL"])
+        console.print(f"using the Redis named by CELERY_BROKER_URL ({redact(os.environ['CELERY_BROKER_URL'])}); "
+                      "unset it for an embedded one")
+
+    def on_term(signum, frame):
+        raise KeyboardInterrupt  # unwinds the Cluster context: everything started here is stopped
+
+    signal.signal(signal.SIGTERM, on_term)
 
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="atscale-demo-"))
     env = dict(os.environ)
@@ -109,14 +155,6 @@ def cmd_demo(args) -> int:
 
         cluster.wait_workers(["download", "gpu"], timeout=120)
         console.print(f"workers up (logs in {workdir})")
-        kwargs: dict = {"pages": args.pages, "spec": {"epochs": args.epochs}}
-        if args.queries:
-            kwargs["queries"] = args.queries
-        if args.dataset:
-            kwargs["dataset"] = args.dataset
-        from tasks.request import parse_request
-
-        dataset = parse_request(kwargs).dataset  # checked here, before anything is queued
         res = app.send_task("collect_breeds", kwargs=kwargs)
         return follow(dataset, timeout=args.timeout, entry=res)
 
@@ -183,6 +221,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--pages", type=int)
     c.add_argument("--dataset")
     c.add_argument("--spec", help="training spec JSON file")
+    c.add_argument("--size", help="e.g. 500x500")
+    c.add_argument("--google-domain")
+    c.add_argument("--engine", choices=["google_images", "google"])
+    c.add_argument("--on-missing-chip", choices=["unfiltered", "skip", "fail"])
+    c.add_argument("--val-percent", type=int)
+    c.add_argument("--no-train", action="store_true", help="collect only")
     c.add_argument("--no-cache", action="store_true")
     c.set_defaults(fn=cmd_collect)
 
@@ -212,6 +256,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:  # the CLI's boundary: a sentence, not a stack trace (ATSCALE_DEBUG=1 shows it)
+        if os.environ.get("ATSCALE_DEBUG"):
+            raise
+        console.print(f"[red]atscale {args.cmd}: {type(exc).__name__}: {exc}[/]")
+        return 1
 
 
 if __name__ == "__main__":

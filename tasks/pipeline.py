@@ -138,7 +138,18 @@ def collect_breeds(self, **kwargs) -> dict:
                 return {"dataset": req.dataset, "state": "collecting", "duplicate": True}
         else:
             log.info("dataset %s is already %s; not collecting it twice", req.dataset, status.get("state"))
-            return {"dataset": req.dataset, "state": status.get("state", "pending"), "duplicate": True}
+            out = {"dataset": req.dataset, "state": status.get("state", "pending"), "duplicate": True}
+            run = run_name(req.dataset, req.spec)
+            record = store.get_json_or(run_key(run, "record.json")) or {}
+            if (req.train and status.get("state") in ("done", "partial") and status.get("run") != run
+                    and record.get("status") not in ("trained", "evaluated", "training", "queued")):
+                # the same dataset with another training spec: one more run, on the data already collected
+                set_status(store, req.dataset, "training", run=run)
+                co.redis_retry(r.sadd, ACTIVE, req.dataset)
+                touch_progress(req.dataset)
+                send_training(req.dataset, run, req.spec.model_dump())
+                out.update(state="training", run=run)
+            return out
     store.put_json(request_key(req.dataset), req.model_dump())
     store.delete(plan_key(req.dataset))
     r.delete(f"{co.PREFIX}pages-done:{req.dataset}")

@@ -157,6 +157,14 @@ def test_same_dataset_called_twice_at_once_trains_once(tmp_path):
         time.sleep(3)
         assert len(training_attempts(c.store, "twice")) == 1
         record_outcome("collect_breeds called twice at once + once after", c.store, "twice")
+        first_run = c.store.get_json("datasets/twice/status.json")["run"]
+        celery_call(c, {**kwargs, "spec": {**TINY, "epochs": 2}})  # another spec: one more run, no re-collection
+        wait_for(lambda: c.store.get_json("datasets/twice/status.json")["run"] != first_run, what="the second run")
+        st = wait_state(c.store, "twice")
+        assert st["state"] == "done" and st["run"] != first_run
+        assert len(training_attempts(c.store, "twice")) == 1
+        assert c.store.get_json(f"runs/{st['run']}/metrics.json")["epochs"] == 2
+        assert len(c.store.list("serpapi-cache/")) == 4  # nothing searched again
         assert c.store.get_json("datasets/twice/status.json")["state"] == "done"
     finally:
         c.stop()
