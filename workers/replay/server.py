@@ -174,6 +174,16 @@ class _HTTPServer(ThreadingHTTPServer):
     allow_reuse_address = True
     request_queue_size = 256  # listen backlog: many clients connect at once
 
+    def handle_error(self, request, client_address) -> None:
+        """A client that drops its connection is normal on the web: one line, no traceback."""
+        import sys
+
+        exc = sys.exc_info()[1]
+        if isinstance(exc, (ConnectionResetError, BrokenPipeError, TimeoutError)):
+            log.debug("client %s dropped the connection: %s", client_address[0], exc)
+            return
+        super().handle_error(request, client_address)
+
 
 class ReplayServer:
     """A SerpApi + image host stand-in on a background thread.
