@@ -116,7 +116,10 @@ def cmd_train(args) -> int:
         return 0
     if not args.local:
         from tasks.celery import app
+        from tasks.cli import check_broker
+        from workers.settings import get_settings
 
+        check_broker(get_settings().broker_url)  # before the record says "queued"
         mark_queued(store, run, dataset, spec.model_dump())
         res = app.send_task("atscale.retrain", args=[dataset, run, spec.model_dump()], kwargs={"force": args.force})
         if args.json:
