@@ -189,8 +189,14 @@ class S3Store(ObjectStore):
         self._call(self._client.put_object, Bucket=self.bucket, Key=self._k(key), Body=data, ContentType=content_type)
 
     def get_bytes(self, key):
+        from botocore.exceptions import BotoCoreError
+        from urllib3.exceptions import HTTPError as Urllib3Error
+
         resp = self._call(self._client.get_object, Bucket=self.bucket, Key=self._k(key))
-        return resp["Body"].read()
+        try:
+            return resp["Body"].read()
+        except (BotoCoreError, Urllib3Error, OSError) as exc:  # the connection broke mid-body
+            raise StoreError(f"S3 read of {key} broke off ({type(exc).__name__}): {exc}") from exc
 
     def exists(self, key):
         try:
