@@ -57,15 +57,6 @@ def cmd_status(args) -> int:
     return 0
 
 
-def load_spec_file(path: str) -> dict:
-    try:
-        return json.loads(Path(path).read_text())
-    except OSError as exc:
-        raise ValueError(f"cannot read spec file {path}: {exc.strerror or exc}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"spec file {path} is not valid JSON: {exc}") from None
-
-
 def check_broker(url: str) -> None:
     """Fail in words, at once, when the broker cannot be reached."""
     import redis
@@ -93,7 +84,9 @@ def cmd_collect(args) -> int:
                                 "val_percent": args.val_percent, "google_domain": args.google_domain,
                                 "train": False if args.no_train else None}.items() if v is not None}
     if args.spec:
-        kwargs["spec"] = load_spec_file(args.spec)
+        from workers.spec import load_spec
+
+        kwargs["spec"] = load_spec(args.spec).model_dump(mode="json")
     req = parse_request(kwargs)  # ValueError: printed by main(), exit 2
     check_broker(get_settings().broker_url)
     from tasks.celery import app

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from tests.test_fetch import RawListener
 from PIL import Image
 
 from tasks.cli import main as cli_main
@@ -116,33 +118,12 @@ class Site:
         self.httpd.server_close()
 
 
-class Listener:
-    """A bare TCP listener on another loopback address: counts connections."""
+class Listener(RawListener):
+    """A bare TCP listener on another loopback address (counts connections), with a URL."""
 
     def __init__(self, host="127.0.0.2"):
-        self.sock = socket.socket()
-        self.sock.bind((host, 0))
-        self.sock.listen(8)
-        self.sock.settimeout(0.05)
-        self.url = f"http://{host}:{self.sock.getsockname()[1]}"
-        self.accepted = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self):
-        while not self._stop.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except (socket.timeout, OSError):
-                continue
-            self.accepted += 1
-            conn.close()
-
-    def close(self):
-        self._stop.set()
-        self._thread.join(2)
-        self.sock.close()
+        super().__init__(host)
+        self.url = f"http://{host}:{self.port}"
 
 
 @pytest.fixture(scope="module")

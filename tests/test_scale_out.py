@@ -227,9 +227,9 @@ def test_a_lost_host_costs_nothing(cluster):
 
 def test_flower_in_chromium_shows_every_host(cluster):
     if not chromium_path():
-        pytest.skip("chromium is not installed (Debian: apt-get install chromium; .ci/run installs it)")
+        pytest.skip(reason="chromium is not installed (Debian: apt-get install chromium; .ci/run installs it)")
     if getattr(cluster, "loss_outcome", None) is None or cluster.browser is None:
-        pytest.skip("needs test_a_lost_host_costs_nothing to have run first (run the module, not this test alone)")
+        pytest.skip(reason="needs test_a_lost_host_costs_nothing to have run first (run the module, not this test alone)")
     c, page = cluster, cluster.page
     node = c.workers[CUT_HOST]
     pages = len(QUERIES) * PAGES
