@@ -54,8 +54,11 @@ def register(subparsers) -> None:
 
 
 def cmd_fetch(args) -> int:
+    from workers.fetch_many import FetchOptions, UrlRunner, output_row, read_url_list, start_fork_server
+
+    if args.urls or len(args.url) > 1:
+        start_fork_server()  # its imports overlap with ours below
     from workers.fetch import parse_networks
-    from workers.fetch_many import FetchOptions, UrlRunner, output_row, read_url_list
     from workers.settings import get_settings
     from workers.store import LocalStore, open_store
 

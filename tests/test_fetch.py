@@ -825,7 +825,7 @@ def test_default_user_agent_names_a_contact(srv1):
     ua = "atscale-test/1.0 (+mailto:datasets@example.org)"
     with Fetcher(allowed_networks="127.0.0.0/8", user_agent=ua) as f:
         res = f.get(srv1.url("/img/1"))
-    assert res.status == 200 and f._session.headers["User-Agent"] == ua
+    assert res.status == 200 and f.headers["User-Agent"] == ua
 
 
 def test_fetch_error_with_retry_after_pickles():

@@ -35,7 +35,7 @@ _CHUNK = 4  # URLs a thread takes from the queue at once
 # Worker processes are forked from a fork server (a clean, single-threaded
 # process started once) that has already imported these: a worker starts in
 # milliseconds instead of importing Pillow, numpy, requests ... again.
-_PRELOAD = ["workers.page", "workers.store", "workers.fetch_many", "scipy.fftpack"]
+_PRELOAD = ["workers.page", "workers.store", "workers.fetch_many"]
 
 
 # Each worker also runs the caller's __main__ module again (multiprocessing's
@@ -49,6 +49,17 @@ def _context():
     main = getattr(sys.modules.get("__main__"), "__spec__", None)
     ctx.set_forkserver_preload(_PRELOAD + _PRELOAD_FOR_MAIN.get(getattr(main, "name", None), []))
     return ctx
+
+
+def start_fork_server() -> None:
+    """Start the fork server now, so that it imports Pillow, numpy, requests ...
+    on another core while the caller is still busy with its own start-up (the
+    command line calls this first thing).  Optional: the first worker process
+    starts it anyway."""
+    _context()
+    from multiprocessing import forkserver
+
+    forkserver.ensure_running()
 
 
 @dataclass(frozen=True)
@@ -133,10 +144,11 @@ def _limit_malloc_arenas(arenas: int = 2) -> None:
     if os.environ.get("MALLOC_ARENA_MAX") or not sys.platform.startswith("linux"):
         return
     import ctypes
-    import ctypes.util
 
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        # the process's own symbols (libc among them); ctypes.util.find_library
+        # would run `ldconfig -p` in a subprocess, in every worker, for the same answer
+        libc = ctypes.CDLL(None)
         libc.mallopt(-8, arenas)  # M_ARENA_MAX
     except (OSError, AttributeError) as exc:  # musl or another libc: nothing to tune
         log.debug("malloc arenas not limited: %s", exc)
