@@ -79,6 +79,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(200, f"image-{n}-".encode() * 50)
         elif path == "/redirect":
             self._send(int(query.get("code", ["302"])[0]), b"", {"Location": query["to"][0]})
+        elif path == "/redirect-utf8":  # the Location's raw bytes are UTF-8 (as servers send them)
+            self._send(302, b"", {"Location": "/img/caf\u00e9".encode("utf-8").decode("latin-1")})
         elif path.startswith("/chain/"):
             n = int(path.rsplit("/", 1)[1])
             if n == 0:
@@ -492,6 +494,22 @@ def test_redirect_chain_limits(srv1):
     assert "/chain/0" not in srv1.paths[-4:]  # the 5th URL was never requested
     with Fetcher(allowed_networks="127.0.0.0/8", max_redirects=0) as f:
         assert fetch_error(f, srv1.url("/chain/1")).reason == "too_many_redirects"
+
+
+def test_redirect_location_sent_as_utf8_is_followed_percent_encoded(srv1, fetcher):
+    res = fetcher.get(srv1.url("/redirect-utf8"))
+    assert res.redirects == 1
+    assert srv1.paths == ["/redirect-utf8", "/img/caf%C3%A9"]
+    assert res.body == b"image-caf%C3%A9-" * 50
+
+
+def test_connections_are_kept_alive_and_an_unread_body_is_not_reused(srv1, fetcher):
+    for n in range(10):
+        assert fetcher.get(srv1.url(f"/img/{n}")).body == f"image-{n}-".encode() * 50
+    assert srv1.connections == 1  # ten GETs, one TCP connection
+    assert fetch_error(fetcher, srv1.url("/404")).status == 404  # its body is never read ...
+    assert fetcher.get(srv1.url("/img/10")).status == 200
+    assert srv1.connections == 2  # ... so that connection was closed, not handed to the next GET
 
 
 def test_redirect_to_bad_scheme(srv1, fetcher):

@@ -718,3 +718,45 @@ def test_fixture_exif_orientation_matches_baseline(orientation):
     unrotated.load()
     raw_diff = np.abs(np.asarray(unrotated.convert("RGB"), dtype=np.int16) - np.asarray(baseline, dtype=np.int16))
     assert raw_diff.mean() > diff + 10
+
+
+def test_phash_is_imagehash_phash_bit_for_bit():
+    """workers.images computes imagehash's phash without scipy: same 64 bits on
+    noise, smooth gradients, stripes and flat pictures."""
+    import imagehash
+
+    from workers.images import phash_of_thumbnail
+
+    rng = np.random.default_rng(7)
+    thumbs = []
+    for i in range(300):
+        kind = i % 4
+        if kind == 0:
+            a = rng.integers(0, 256, (32, 32))
+        elif kind == 1:
+            a = np.clip(np.cumsum(rng.normal(0, 8, (32, 32)), axis=i % 2) + 128, 0, 255)
+        elif kind == 2:
+            a = np.full((32, 32), rng.integers(0, 256))
+            a[rng.integers(0, 32), :] = rng.integers(0, 256)
+        else:
+            a = np.full((32, 32), rng.integers(0, 256))
+        thumbs.append(Image.fromarray(a.astype(np.uint8), "L"))
+    ours = [str(phash_of_thumbnail(t)) for t in thumbs]
+    assert ours == [str(imagehash.phash(t)) for t in thumbs]
+    assert len(set(ours)) > 200  # and they tell pictures apart
+
+
+def test_normalising_never_imports_scipy():
+    """scipy (imagehash's DCT) costs a worker 0.4 s to import; the phash is computed without it."""
+    import subprocess
+    import sys
+
+    code = (
+        "import io, sys\n"
+        "from PIL import Image\n"
+        "from workers.images import normalise_image\n"
+        "b = io.BytesIO(); Image.effect_noise((600, 400), 40).convert('RGB').save(b, 'JPEG')\n"
+        "print(len(normalise_image(b.getvalue()).phash), 'scipy' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.split() == ["16", "False"]
