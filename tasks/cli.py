@@ -18,7 +18,16 @@ from pathlib import Path
 
 from rich.console import Console
 
-console = Console()
+
+def _console() -> Console:
+    """rich wraps tables at 80 columns when the output is not a terminal (a pipe,
+    a log file): make those 160 wide unless COLUMNS says otherwise."""
+    if sys.stdout.isatty() or os.environ.get("COLUMNS"):
+        return Console()
+    return Console(width=160)
+
+
+console = _console()
 
 # modules that add sub-commands of their own, each with `register(subparsers)`
 COMMAND_MODULES: tuple[str, ...] = ("tasks.cli_fetch", "tasks.cli_train")

@@ -327,3 +327,22 @@ def test_a_worker_that_cannot_start_stops_the_run_with_its_reason(tmp_path):
     runner = UrlRunner(iter([(1, "http://127.0.0.1:9/x.jpg")]), FetchOptions(out="s3://"), processes=1, threads=1)
     with pytest.raises(RuntimeError, match="could not start: ValueError: .*names no bucket"):
         list(runner)
+
+
+def test_cli_start_path_is_light_and_piped_tables_do_not_wrap_at_80():
+    """`atscale fetch` never imports Celery or pydantic (half a second each at every
+    start); `celery -A tasks` still finds the app; piped output is 160 columns wide."""
+    import os
+
+    code = (
+        "import sys\n"
+        "import tasks.cli, tasks.cli_fetch\n"
+        "from tasks.cli import console\n"
+        "light = not any(m in sys.modules for m in ('celery', 'pydantic', 'tasks.celery'))\n"
+        "import tasks\n"
+        "print(console.width, light, type(tasks.app).__name__, tasks.app.main)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=120, check=True)
+    assert out.stdout.split() == ["160", "True", "Celery", "atscale"]
