@@ -760,21 +760,31 @@ def test_normalising_never_imports_scipy():
 
 
 def test_still_webp_fast_path_gives_pillows_pixels(monkeypatch):
-    """A still, opaque WebP is decoded by libwebp's plain decoder (pywebp); the
-    stored JPEG is byte for byte what the Pillow-only path stores, EXIF rotation
-    included, and a cut-off WebP is still rejected as truncated."""
+    """A still, opaque WebP is decoded by libwebp's plain decoder (pywebp): at
+    its own size, the stored JPEG is byte for byte what the Pillow-only path
+    stores, EXIF rotation included; shrunk while decoding (libwebp's rescaler),
+    it is the same picture as Pillow's decode + BOX resize to within a level or
+    two, the same size and orientation; a cut-off WebP is still truncated."""
     from workers import images
 
     rng = np.random.default_rng(3)
-    base = Image.fromarray(rng.integers(0, 256, (90, 160, 3), dtype=np.uint8), "RGB").resize((1200, 700))
+    base = Image.fromarray(rng.integers(0, 256, (90, 160, 3), dtype=np.uint8), "RGB")
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 90 degrees clockwise on display
-    bodies = [encode(base, "WEBP", quality=80), encode(base, "WEBP", quality=80, exif=exif.tobytes())]
-    assert images._decode_still_webp(bodies[0], Image.open(io.BytesIO(bodies[0]))) is not None
+    small, large = base.resize((480, 270)), scene((1200, 700), seed=5)
+    bodies = [encode(im, "WEBP", quality=80, **kw) for im in (small, large) for kw in ({}, {"exif": exif.tobytes()})]
+    probe = Image.open(io.BytesIO(bodies[2]))
+    assert images._decode_still_webp(bodies[2], probe, (500, 292)).size == (500, 292)  # the fast path is taken
+    assert images._WEBP_SCALING
     fast = [normalise_image(b) for b in bodies]
-    monkeypatch.setattr(images, "_webp", None)
+    monkeypatch.setattr(images, "_webp_lib", None)
     slow = [normalise_image(b) for b in bodies]
-    assert [f.sha256 for f in fast] == [s.sha256 for s in slow]
-    assert (fast[0].width, fast[0].height) == (500, 292) and (fast[1].width, fast[1].height) == (292, 500)
     monkeypatch.undo()
-    assert rejected(bodies[0][: len(bodies[0]) * 2 // 3]).reason == "truncated"
+    sizes = [(f.width, f.height) for f in fast]
+    assert sizes == [(s.width, s.height) for s in slow] == [(480, 270), (270, 480), (500, 292), (292, 500)]
+    assert [f.sha256 for f in fast[:2]] == [s.sha256 for s in slow[:2]]  # no resize: the very same pixels
+    for f, s in zip(fast[2:], slow[2:]):
+        a, b = (np.asarray(decode(x.data), dtype=np.int16) for x in (f, s))
+        assert np.abs(a - b).mean() < 1.5, np.abs(a - b).mean()  # the same picture, the same way up
+        assert bin(int(f.phash, 16) ^ int(s.phash, 16)).count("1") <= 4  # near duplicates of each other
+    assert rejected(bodies[2][: len(bodies[2]) * 2 // 3]).reason == "truncated"
