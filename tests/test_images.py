@@ -788,3 +788,45 @@ def test_still_webp_fast_path_gives_pillows_pixels(monkeypatch):
         assert np.abs(a - b).mean() < 1.5, np.abs(a - b).mean()  # the same picture, the same way up
         assert bin(int(f.phash, 16) ^ int(s.phash, 16)).count("1") <= 4  # near duplicates of each other
     assert rejected(bodies[2][: len(bodies[2]) * 2 // 3]).reason == "truncated"
+
+def test_jpeg_scaled_decode_matches_pillows_and_declines_what_it_should(monkeypatch):
+    """A JPEG that shrinks is decoded at the smallest DCT scale M/8 >= the target
+    (simplejpeg): the same size, orientation and picture as Pillow's draft() +
+    BOX path to within a level; grey and progressive pictures too; CMYK goes to
+    Pillow; a cut-off stream is still 'truncated' and a damaged one rejected or
+    stored exactly as Pillow decides."""
+    from workers import images
+
+    exif = Image.Exif()
+    exif[0x0112] = 8  # rotate 90 degrees counter-clockwise on display
+    photo = scene((990, 700), seed=9)
+    cases = {
+        "rgb": encode(photo, "JPEG", quality=92),
+        "rotated": encode(photo, "JPEG", quality=92, exif=exif.tobytes()),
+        "progressive": encode(photo, "JPEG", quality=92, progressive=True),
+        "grey": encode(photo.convert("L"), "JPEG", quality=92),
+        "cmyk": encode(photo.convert("CMYK"), "JPEG", quality=92),
+    }
+    calls = []
+    real = images._decode_jpeg_scaled
+    monkeypatch.setattr(images, "_decode_jpeg_scaled", lambda *a: calls.append(real(*a)) or calls[-1])
+    fast = {k: normalise_image(b) for k, b in cases.items()}
+    # taken for everything but CMYK, at 5/8 (619x438: the smallest M/8 still >= 500x354)
+    assert [c is not None and c.size for c in calls] == [(619, 438)] * 4 + [False]
+    monkeypatch.setattr(images, "_simplejpeg", None)
+    slow = {k: normalise_image(b) for k, b in cases.items()}
+    for k in cases:
+        assert (fast[k].width, fast[k].height) == (slow[k].width, slow[k].height) == (
+            (354, 500) if k == "rotated" else (500, 354)), k
+        a, b = (np.asarray(decode(x.data).convert("RGB"), dtype=np.int16) for x in (fast[k], slow[k]))
+        assert np.abs(a - b).mean() < 1.5, (k, np.abs(a - b).mean())
+        assert bin(int(fast[k].phash, 16) ^ int(slow[k].phash, 16)).count("1") <= 4, k
+    monkeypatch.undo()
+    body = cases["rgb"]
+    assert rejected(body[: len(body) * 2 // 3]).reason == "truncated"
+    assert rejected(cases["progressive"][: len(body) // 2]).reason == "truncated"
+    damaged = bytearray(body)
+    damaged[len(body) // 2: len(body) // 2 + 64] = bytes(64)  # zeros in the middle of the entropy-coded data
+    with_simplejpeg = images.normalise_image(bytes(damaged))  # libjpeg warns: Pillow decides, and it keeps it
+    monkeypatch.setattr(images, "_simplejpeg", None)
+    assert images.normalise_image(bytes(damaged)).sha256 == with_simplejpeg.sha256

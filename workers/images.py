@@ -59,8 +59,9 @@ Pipeline, in order:
    stretched) -- never clipped.
 6. Downscale with area averaging (``RESAMPLE``, Pillow's BOX: what OpenCV's
    INTER_AREA does) so the longest side is <= ``max_side`` (never upscale).
-   JPEGs use ``draft()`` first (DCT scaling by a power of two, always to a
-   size >= the target), so they are never decoded at full size.
+   JPEGs are decoded DCT-scaled by the smallest M/8 that keeps them >= the
+   target (libjpeg-turbo through simplejpeg; Pillow's ``draft()``, by a power
+   of two, where simplejpeg declines), so they are never decoded at full size.
 7. EXIF orientation applied (same mapping as ``ImageOps.exif_transpose``; it
    is applied to the already-downscaled image, which is equivalent and
    cheaper).  A corrupt EXIF block is logged and ignored (the image is kept
@@ -89,6 +90,12 @@ try:  # libwebp's plain decoder (pywebp's cffi binding): a still WebP straight t
     from webp._webp import ffi as _webp_ffi, lib as _webp_lib
 except ImportError:  # pragma: no cover - a declared dependency; Pillow decodes every WebP without it
     _webp_ffi = _webp_lib = None
+
+
+try:  # libjpeg-turbo through simplejpeg: DCT scaling by any M/8 (Pillow's draft() has 1/2, 1/4, 1/8)
+    import simplejpeg as _simplejpeg
+except ImportError:  # pragma: no cover - a declared dependency; Pillow's draft() does it coarser without it
+    _simplejpeg = None
 
 
 def _webp_can_scale() -> bool:
@@ -415,6 +422,30 @@ def _decode_still_webp(body: bytes, img: Image.Image, size: tuple[int, int]) -> 
     return Image.fromarray(pixels, "RGB")
 
 
+def _decode_jpeg_scaled(body: bytes, img: Image.Image, size: tuple[int, int]) -> Image.Image | None:
+    """Decode a JPEG that is to shrink at the smallest DCT scale M/8 whose
+    result is still at least ``size``.
+
+    Pillow's ``draft()`` scales by 1/2, 1/4 or 1/8 only: a 990 px picture that
+    is to become 500 px is decoded at full size and then averaged down by two;
+    libjpeg-turbo decodes it at 5/8 (619 px) directly -- the inverse DCT,
+    upsampling and colour conversion of 60 % fewer pixels, a tenth less CPU
+    per JPEG, the same area-averaged result to within a level.  ``None``
+    (Pillow decodes it) for CMYK / YCCK pictures, a missing simplejpeg, and
+    anything libjpeg-turbo so much as warns about (a cut-off or corrupt
+    stream): Pillow then decodes or rejects it with the right reason.
+    """
+    if _simplejpeg is None or img.mode not in ("RGB", "L"):
+        return None
+    try:  # the GIL is released while libjpeg-turbo decodes
+        pixels = _simplejpeg.decode_jpeg(body, "RGB", min_width=size[0], min_height=size[1], strict=True)
+    except (ValueError, RuntimeError):
+        return None
+    if pixels.ndim != 3 or pixels.shape[1] < size[0] or pixels.shape[0] < size[1]:
+        return None  # a stream whose own header disagrees with the one Pillow read
+    return Image.fromarray(pixels, "RGB")
+
+
 def _orientation(img: Image.Image) -> int:
     try:
         value = img.getexif().get(0x0112, 1)
@@ -550,10 +581,14 @@ def _normalise(body: bytes, max_side: int, min_side: int, max_pixels: int, quali
 
         # --- pixels -------------------------------------------------------
         try:
-            if source_format in ("JPEG", "MPO") and (tw, th) != (sw, sh):
-                img.draft("RGB", (tw, th))  # DCT scaling; result stays >= (tw, th)
-            pixels = _decode_still_webp(body, img, (tw, th)) if source_format == "WEBP" else None
+            pixels = None
+            if source_format == "WEBP":
+                pixels = _decode_still_webp(body, img, (tw, th))
+            elif source_format == "JPEG" and (tw, th) != (sw, sh):
+                pixels = _decode_jpeg_scaled(body, img, (tw, th))
             if pixels is None:
+                if source_format in ("JPEG", "MPO") and (tw, th) != (sw, sh):
+                    img.draft("RGB", (tw, th))  # DCT scaling by 1/2, 1/4, 1/8; result stays >= (tw, th)
                 img.load()
                 pixels = img
         except Exception as exc:
