@@ -774,7 +774,7 @@ def test_still_webp_fast_path_gives_pillows_pixels(monkeypatch):
     small, large = base.resize((480, 270)), scene((1200, 700), seed=5)
     bodies = [encode(im, "WEBP", quality=80, **kw) for im in (small, large) for kw in ({}, {"exif": exif.tobytes()})]
     probe = Image.open(io.BytesIO(bodies[2]))
-    assert images._decode_still_webp(bodies[2], probe, (500, 292)).size == (500, 292)  # the fast path is taken
+    assert images._decode_still_webp(bodies[2], probe.size, (500, 292)).size == (500, 292)  # the fast path is taken
     assert images._WEBP_SCALING
     fast = [normalise_image(b) for b in bodies]
     monkeypatch.setattr(images, "_webp_lib", None)
@@ -788,6 +788,15 @@ def test_still_webp_fast_path_gives_pillows_pixels(monkeypatch):
         assert np.abs(a - b).mean() < 1.5, np.abs(a - b).mean()  # the same picture, the same way up
         assert bin(int(f.phash, 16) ^ int(s.phash, 16)).count("1") <= 4  # near duplicates of each other
     assert rejected(bodies[2][: len(bodies[2]) * 2 // 3]).reason == "truncated"
+    assert images._still_webp_header(bodies[3]) == (1200, 700, 6)  # read without Pillow, EXIF chunk included
+    # cut short with the RIFF and VP8 chunk sizes mended: the header is fine, the bitstream ends early
+    cut = bytearray(bodies[2][: len(bodies[2]) * 2 // 3])
+    cut[4:8], cut[16:20] = (len(cut) - 8).to_bytes(4, "little"), (len(cut) - 20).to_bytes(4, "little")
+    assert images._still_webp_header(bytes(cut)) == (1200, 700, 1)
+    assert images._decode_still_webp(bytes(cut), (1200, 700), (500, 292)) is None
+    assert rejected(bytes(cut)).reason == "decode_error"  # libwebp refused it; Pillow opened it again and said why
+    xmp = encode(large, "WEBP", quality=80, xmp=b'<x:xmpmeta><tiff:Orientation>6</tiff:Orientation></x:xmpmeta>')
+    assert images._still_webp_header(xmp) is None  # XMP may carry an orientation: Pillow reads it
 
 def test_jpeg_scaled_decode_matches_pillows_and_declines_what_it_should(monkeypatch):
     """A JPEG that shrinks is decoded at the smallest DCT scale M/8 >= the target

@@ -386,26 +386,58 @@ def _flatten_to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def _decode_still_webp(body: bytes, img: Image.Image, size: tuple[int, int]) -> Image.Image | None:
-    """Decode a still, opaque WebP with libwebp's plain decoder, straight to RGB
-    at ``size`` (the target size).
+def _riff_chunk(body: bytes, fourcc: bytes) -> bytes | None:
+    """The payload of the first ``fourcc`` chunk of a RIFF file (None: none)."""
+    offset = 12
+    while offset + 8 <= len(body):
+        size = int.from_bytes(body[offset + 4:offset + 8], "little")
+        if body[offset:offset + 4] == fourcc:
+            return body[offset + 8:offset + 8 + size]
+        offset += 8 + size + (size & 1)
+    return None
+
+
+def _still_webp_header(body: bytes) -> tuple[int, int, int] | None:
+    """(width, height, EXIF orientation) of a still, opaque WebP, read by
+    libwebp's ``WebPGetFeatures`` and from the EXIF chunk.
+
+    Pillow's ``Image.open`` of a WebP builds libwebp's animation decoder, which
+    allocates two zeroed full-size RGBA canvases (~0.9 ms for a 1000 px
+    picture) that this path never uses.  ``None`` -- Pillow opens it, with its
+    own answers and errors -- for anything else: alpha, animation, an XMP
+    chunk (Pillow also reads an orientation from XMP), a header libwebp does
+    not accept, a file shorter than its RIFF header says, pywebp missing.
+    """
+    if _webp_lib is None or _riff_cut_short(body):
+        return None
+    features = _webp_ffi.new("WebPBitstreamFeatures *")
+    if _webp_lib.WebPGetFeatures(body, len(body), features) != _webp_lib.VP8_STATUS_OK:
+        return None
+    if features.has_alpha or features.has_animation or _riff_chunk(body, b"XMP ") is not None:
+        return None
+    exif = _riff_chunk(body, b"EXIF")
+    return features.width, features.height, _exif_orientation(exif) if exif else 1
+
+
+def _decode_still_webp(body: bytes, full: tuple[int, int], size: tuple[int, int]) -> Image.Image | None:
+    """Decode a still, opaque WebP of ``full`` size with libwebp's plain
+    decoder, straight to RGB at ``size`` (the target size).
 
     Pillow decodes every WebP through libwebp's animation decoder onto an RGBA
     canvas at full size: a quarter slower for the same pixels, and then the
     picture still has to be resized.  libwebp's own rescaler shrinks the
     picture while it decodes (area averaging of the decoded planes, row by
     row): no full-size RGB picture is ever made, a fifth less CPU again.
-    ``None`` (Pillow decodes it, with its own error for a bad file) for
-    anything else: animated, with alpha, pywebp missing, or a file libwebp
-    refuses.
+    ``None`` (Pillow decodes it, with its own error for a bad file) when
+    pywebp is missing or libwebp refuses the file.
     """
-    if _webp_lib is None or img.mode != "RGB" or getattr(img, "n_frames", 1) != 1:
+    if _webp_lib is None:
         return None
     config = _webp_ffi.new("WebPDecoderConfig *")
     if not _webp_lib.WebPInitDecoderConfig(config):
         return None
-    width, height = size if _WEBP_SCALING else img.size
-    if (width, height) != img.size:
+    width, height = size if _WEBP_SCALING else full
+    if (width, height) != full:
         options = _webp_ffi.cast("int *", _webp_ffi.addressof(config, "options"))
         options[7], options[8], options[9] = 1, width, height  # use_scaling, scaled_width, scaled_height
     pixels = np.empty((height, width, 3), dtype=np.uint8)
@@ -449,6 +481,18 @@ def _decode_jpeg_scaled(body: bytes, img: Image.Image, size: tuple[int, int]) ->
 def _orientation(img: Image.Image) -> int:
     try:
         value = img.getexif().get(0x0112, 1)
+    except Exception as exc:  # corrupt EXIF must not cost us the picture
+        log.debug("ignoring unreadable EXIF (%s)", _describe(exc))
+        return 1
+    return value if isinstance(value, int) else 1
+
+
+def _exif_orientation(exif: bytes) -> int:
+    """The orientation tag of a raw EXIF block (with or without its "Exif\\0\\0" prefix)."""
+    tags = Image.Exif()
+    try:
+        tags.load(exif)
+        value = tags.get(0x0112, 1)
     except Exception as exc:  # corrupt EXIF must not cost us the picture
         log.debug("ignoring unreadable EXIF (%s)", _describe(exc))
         return 1
@@ -550,6 +594,16 @@ def _normalise(body: bytes, max_side: int, min_side: int, max_pixels: int, quali
             raise ImageRejected("svg", "the body is an SVG (vector) image, which is not decoded")
         raise ImageRejected("not_an_image", f"no known image signature in the first bytes ({body[:8].hex()})")
 
+    if fmt == "WEBP":  # a still, opaque WebP (most of them): libwebp alone, from header to pixels
+        header = _still_webp_header(body)
+        if header is not None:
+            sw, sh, orientation = header
+            tw, th = _checked_target(fmt, sw, sh, max_side, min_side, max_pixels)
+            pixels = _decode_still_webp(body, (sw, sh), (tw, th))
+            if pixels is not None:
+                return _finish(pixels, orientation, (tw, th), quality, fmt, (sw, sh))
+            # libwebp refused the data: Pillow opens it again and says why
+
     # --- header -----------------------------------------------------------
     try:
         img = _open(body, fmt)
@@ -563,28 +617,12 @@ def _normalise(body: bytes, max_side: int, min_side: int, max_pixels: int, quali
     with img:
         source_format = img.format or fmt
         sw, sh = img.size
-        if sw <= 0 or sh <= 0:
-            raise ImageRejected("decode_error", f"{source_format} declares an empty size {sw}x{sh}")
-        if sw * sh > max_pixels:
-            raise ImageRejected(
-                "decompression_bomb",
-                f"{source_format} declares {sw}x{sh} = {sw * sh} pixels, more than the limit of {max_pixels}",
-            )
-        if min(sw, sh) < min_side:
-            raise ImageRejected("too_small", f"{sw}x{sh}: shorter side is below {min_side} px")
-        tw, th = _target_size(sw, sh, max_side)
-        if min(tw, th) < min_side:
-            raise ImageRejected(
-                "too_small",
-                f"{sw}x{sh} downscaled to {tw}x{th} would have a shorter side below {min_side} px",
-            )
+        tw, th = _checked_target(source_format, sw, sh, max_side, min_side, max_pixels)
 
         # --- pixels -------------------------------------------------------
         try:
             pixels = None
-            if source_format == "WEBP":
-                pixels = _decode_still_webp(body, img, (tw, th))
-            elif source_format == "JPEG" and (tw, th) != (sw, sh):
+            if source_format == "JPEG" and (tw, th) != (sw, sh):
                 pixels = _decode_jpeg_scaled(body, img, (tw, th))
             if pixels is None:
                 if source_format in ("JPEG", "MPO") and (tw, th) != (sw, sh):
@@ -594,30 +632,53 @@ def _normalise(body: bytes, max_side: int, min_side: int, max_pixels: int, quali
         except Exception as exc:
             raise _map_decode_exception(exc, "decode", source_format) from None
 
-        orientation = _orientation(img)
-        work = _to_working_mode(pixels)
-        if work.size != (tw, th):
-            work = work.resize((tw, th), RESAMPLE, reducing_gap=RESAMPLE_GAP)
-        rgb = _flatten_to_rgb(work)
-        method = _TRANSPOSE.get(orientation)
-        if method is not None:
-            rgb = rgb.transpose(method)
+        # Encode while ``img`` is still open: ``pixels`` may be ``img`` itself.
+        return _finish(pixels, _orientation(img), (tw, th), quality, source_format, (sw, sh))
 
-        # Encode while ``img`` is still open: ``rgb`` may be ``img`` itself.
-        rgb.info.clear()  # no EXIF, ICC, XMP or comment in the output
-        buf = io.BytesIO()
-        rgb.save(buf, "JPEG", quality=quality, optimize=False)
-        data = buf.getvalue()
-        phash = _phash(rgb)
-        width, height = rgb.size
 
+def _checked_target(source_format: str, sw: int, sh: int, max_side: int, min_side: int,
+                    max_pixels: int) -> tuple[int, int]:
+    """The size to store a ``sw`` x ``sh`` picture at, or the reason it is refused
+    (from the header alone, before any pixel is decoded)."""
+    if sw <= 0 or sh <= 0:
+        raise ImageRejected("decode_error", f"{source_format} declares an empty size {sw}x{sh}")
+    if sw * sh > max_pixels:
+        raise ImageRejected(
+            "decompression_bomb",
+            f"{source_format} declares {sw}x{sh} = {sw * sh} pixels, more than the limit of {max_pixels}",
+        )
+    if min(sw, sh) < min_side:
+        raise ImageRejected("too_small", f"{sw}x{sh}: shorter side is below {min_side} px")
+    tw, th = _target_size(sw, sh, max_side)
+    if min(tw, th) < min_side:
+        raise ImageRejected(
+            "too_small",
+            f"{sw}x{sh} downscaled to {tw}x{th} would have a shorter side below {min_side} px",
+        )
+    return tw, th
+
+
+def _finish(pixels: Image.Image, orientation: int, target: tuple[int, int], quality: int, source_format: str,
+            source_size: tuple[int, int]) -> NormalisedImage:
+    """Mode, size, orientation, JPEG bytes and hashes of decoded ``pixels``."""
+    work = _to_working_mode(pixels)
+    if work.size != target:
+        work = work.resize(target, RESAMPLE, reducing_gap=RESAMPLE_GAP)
+    rgb = _flatten_to_rgb(work)
+    method = _TRANSPOSE.get(orientation)
+    if method is not None:
+        rgb = rgb.transpose(method)
+    rgb.info.clear()  # no EXIF, ICC, XMP or comment in the output
+    buf = io.BytesIO()
+    rgb.save(buf, "JPEG", quality=quality, optimize=False)
+    data = buf.getvalue()
     return NormalisedImage(
         data=data,
         sha256=hashlib.sha256(data).hexdigest(),
-        phash=phash,
-        width=width,
-        height=height,
+        phash=_phash(rgb),
+        width=rgb.width,
+        height=rgb.height,
         source_format=source_format,
-        source_width=sw,
-        source_height=sh,
+        source_width=source_size[0],
+        source_height=source_size[1],
     )
