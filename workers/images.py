@@ -263,8 +263,9 @@ _WARNINGS_LOCK = threading.Lock()
 # Downscaling filter: area averaging (Pillow's BOX over the exact fractional
 # footprint of each output pixel), which is what OpenCV's INTER_AREA and
 # img2dataset's default "area" downsampling do; about 3x cheaper than LANCZOS
-# and free of ringing.  JPEGs arrive here already DCT-scaled by draft() to at
-# most twice the target size.  Other images shrinking by 2x or more are first
+# and free of ringing.  JPEGs arrive here already DCT-scaled (by M/8, or by
+# draft()'s powers of two) to at most twice the target size, still WebPs at the
+# target size (libwebp rescales while decoding).  Other images shrinking by 2x or more are first
 # reduced by the whole factor (``Image.reduce``: the same box average, a
 # specialised loop) and the fractional rest is resampled: a fifth cheaper.
 RESAMPLE = Image.Resampling.BOX
