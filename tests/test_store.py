@@ -41,6 +41,17 @@ def test_missing_key_raises_notfound_and_default(store):
     assert store.get_json_or("nope/x.json", {"d": 1}) == {"d": 1}
 
 
+def test_a_folder_removed_under_a_local_store_is_made_again(tmp_path):
+    store = LocalStore(tmp_path / "store")
+    store.put_bytes("datasets/d/images/a/1.jpg", b"1")
+    import shutil
+
+    shutil.rmtree(tmp_path / "store" / "datasets")  # e.g. a dataset deleted by hand while workers run
+    store.put_bytes("datasets/d/images/a/2.jpg", b"2")
+    assert store.list("datasets/") == ["datasets/d/images/a/2.jpg"]
+    assert [p.name for p in (tmp_path / "store" / "datasets/d/images/a").iterdir()] == ["2.jpg"]  # no temp file left
+
+
 def test_delete(store):
     store.put_bytes("d/x", b"1")
     store.delete("d/x")

@@ -45,7 +45,6 @@ import re
 import socket
 import threading
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterable, Union
 from urllib.parse import urljoin, urlsplit
@@ -66,6 +65,8 @@ from urllib3.exceptions import (
     ReadTimeoutError,
     SSLError,
 )
+
+from workers.slots import HostSlots  # noqa: F401 - part of this module's interface (Fetcher's per-host cap)
 
 log = logging.getLogger(__name__)
 
@@ -132,44 +133,6 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
     if when is None or when.tzinfo is None:  # RFC 9110 dates are GMT; a zone-less one is not trusted
         return None
     return max(0.0, when.timestamp() - (time.time() if now is None else now))
-
-
-class HostSlots:
-    """At most ``limit`` holders per key (a host) at once; threads beyond that wait.
-
-    Entries exist only while someone holds or waits for a slot, so memory does
-    not grow with the number of distinct hosts seen.
-    """
-
-    def __init__(self, limit: int):
-        if limit < 1:
-            raise ValueError("per-host limit must be at least 1")
-        self.limit = int(limit)
-        self._lock = threading.Lock()
-        self._slots: dict[str, list] = {}  # key -> [semaphore, holders + waiters]
-
-    @contextmanager
-    def hold(self, key: str):
-        with self._lock:
-            entry = self._slots.get(key)
-            if entry is None:
-                entry = self._slots[key] = [threading.Semaphore(self.limit), 0]
-            entry[1] += 1
-        try:
-            entry[0].acquire()
-            try:
-                yield
-            finally:
-                entry[0].release()
-        finally:
-            with self._lock:
-                entry[1] -= 1
-                if entry[1] == 0:
-                    del self._slots[key]
-
-    def active_keys(self) -> int:
-        with self._lock:
-            return len(self._slots)
 
 
 @dataclass

@@ -18,7 +18,6 @@ from __future__ import annotations
 import logging
 import os
 import random
-import threading
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -26,6 +25,7 @@ from dataclasses import dataclass
 
 from workers.fetch import FetchError, Fetcher, redact_url
 from workers.images import ImageRejected, normalise_image
+from workers.slots import Slots
 from workers.store import ObjectStore, StoreError, retrying
 
 log = logging.getLogger(__name__)
@@ -47,7 +47,7 @@ def _decode_slot_count() -> int:
         raise ValueError(f"{ENV_DECODE_SLOTS}: {text!r} is not a whole number") from None
 
 
-_DECODE_SLOTS = threading.BoundedSemaphore(_decode_slot_count())
+_DECODE_SLOTS = Slots(_decode_slot_count())
 
 
 @dataclass
