@@ -346,3 +346,54 @@ def test_cli_start_path_is_light_and_piped_tables_do_not_wrap_at_80():
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
                          timeout=120, check=True)
     assert out.stdout.split() == ["160", "True", "Celery", "atscale"]
+
+
+# ---------------------------------------------------------------------------
+# the shared corpus of real odd files, over HTTP through the whole page code path
+# ---------------------------------------------------------------------------
+
+
+def test_every_shared_fixture_is_stored_or_named_over_http(tmp_path, capsys):
+    """Each real file of ../shared/fixtures/images, served on 127.0.0.1 and fetched by
+    `atscale fetch`: stored as an RGB JPEG or rejected with the reason its content
+    calls for (tests/test_images.py's table), in worker processes that never die."""
+    from functools import partial
+    from http.server import SimpleHTTPRequestHandler
+
+    from tests.test_images import EXPECTED_REASONS, FIXTURES, fixture_files
+
+    files = fixture_files()
+    if not files:
+        pytest.skip(reason=f"shared fixture corpus {FIXTURES} not present on this machine")
+
+    class Quiet(SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), partial(Quiet, directory=str(FIXTURES)))
+    httpd.daemon_threads = True
+    threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    try:
+        base = f"http://127.0.0.1:{httpd.server_address[1]}/"
+        url_file = tmp_path / "urls.txt"
+        url_file.write_text("".join(base + p.name + "\n" for p in files))
+        code, rows, summary, err = run_cli(["fetch", "--urls", str(url_file), "--out", str(tmp_path / "out"),
+                                            "--processes", "2", "--threads", "4",
+                                            "--allowed-networks", "127.0.0.1/32"], capsys)
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert code == 0, err
+    assert "Traceback" not in err
+    by_name = {r["url"].rsplit("/", 1)[1]: r for r in rows}
+    assert sorted(by_name) == sorted(p.name for p in files)
+    for name, r in by_name.items():
+        if name in EXPECTED_REASONS:
+            assert r["status"] == "rejected" and r["reason"] in EXPECTED_REASONS[name], (name, r)
+            assert r["detail"]
+        else:
+            assert r["status"] == "stored", (name, r)
+            with Image.open(r["path"]) as img:
+                assert (img.format, img.mode, img.size) == ("JPEG", "RGB", (r["width"], r["height"])), name
+    assert summary["stored"] == sum(r["status"] == "stored" for r in rows) > 0
+    assert not {r["reason"] for r in rows} & {"internal_error", "store_error"}  # no bug, nothing lost on the way

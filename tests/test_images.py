@@ -18,9 +18,10 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageFile
 
+from tests.conftest import SHARED_FIXTURES
 from workers.images import REASONS, ImageRejected, NormalisedImage, normalise_image
 
-FIXTURES = Path("/work/shared/fixtures/images")
+FIXTURES = SHARED_FIXTURES / "images"
 
 
 # ---------------------------------------------------------------------------

@@ -18,6 +18,7 @@ import pytest
 import requests
 from PIL import Image, ImageFile, ImageOps
 
+from tests.conftest import SHARED_FIXTURES
 from workers.replay import catalog
 from workers.replay.server import (
     INVALID_KEY_ERROR,
@@ -31,7 +32,7 @@ from workers.replay.server import (
 )
 
 API_KEY = "test-secret-key-5f1c"
-FIXTURES = Path("/work/shared/fixtures/serpapi/responses")
+FIXTURES = SHARED_FIXTURES / "serpapi" / "responses"
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MALAMUTE = "Alaskan Malamute"
 
