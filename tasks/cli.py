@@ -112,8 +112,17 @@ def cmd_replay(args) -> int:
     return replay_main(["--host", args.host, "--port", str(args.port)])
 
 
+def with_loopback(networks: str | None) -> str:
+    """The user's allow-list plus loopback, where the demo's replay catalog is served."""
+    return f"{networks}, 127.0.0.0/8" if networks and networks.strip() else "127.0.0.0/8"
+
+
 def cmd_demo(args) -> int:
     import signal
+
+    from workers.fetch import ENV_ALLOWED_NETWORKS, parse_networks
+
+    parse_networks(os.environ.get(ENV_ALLOWED_NETWORKS))  # a bad CIDR stops here, before anything starts
 
     from tasks.embedded import Cluster
     from tasks.request import parse_request
@@ -139,26 +148,31 @@ def cmd_demo(args) -> int:
     env.setdefault("ATSCALE_STORE", str(Path("atscale-data").resolve()))
     env.setdefault("ATSCALE_CACHE_DIR", str(workdir / "cache"))
     with Cluster(workdir, env) as cluster:
-        if "CELERY_BROKER_URL" not in os.environ:
-            url = cluster.start_redis()
-            console.print(f"started embedded Redis at {url}")
-        if "SERPAPI_BASE_URL" not in os.environ:
-            url = cluster.start_replay(api_key="replay-demo-key", image_delay=args.image_delay)
-            # the replay catalog is served from loopback: allow-list it for the downloader
-            cluster.env.setdefault("ATSCALE_ALLOWED_NETWORKS", "127.0.0.0/8")
-            console.print(f"started the offline SerpApi replay service at {url}")
-        os.environ.update({k: v for k, v in cluster.env.items() if k.startswith(("CELERY_", "ATSCALE_"))})
-        from workers.settings import get_settings
+        try:
+            if "CELERY_BROKER_URL" not in os.environ:
+                url = cluster.start_redis()
+                console.print(f"started embedded Redis at {url}")
+            if "SERPAPI_BASE_URL" not in os.environ:
+                url = cluster.start_replay(api_key="replay-demo-key", image_delay=args.image_delay)
+                # the replay catalog is served from loopback: allow-list it for the downloader
+                cluster.env["ATSCALE_ALLOWED_NETWORKS"] = with_loopback(cluster.env.get("ATSCALE_ALLOWED_NETWORKS"))
+                console.print(f"started the offline SerpApi replay service at {url}")
+            os.environ.update({k: v for k, v in cluster.env.items() if k.startswith(("CELERY_", "ATSCALE_"))})
+            from workers.settings import get_settings
 
-        get_settings.cache_clear()
-        cluster.start_worker("download", "search,download", concurrency=2)
-        cluster.start_worker("gpu", "gpu", concurrency=1, pool="threads")
-        from tasks.celery import app
+            get_settings.cache_clear()
+            cluster.start_worker("download", "search,download", concurrency=2)
+            cluster.start_worker("gpu", "gpu", concurrency=1, pool="threads")
+            from tasks.celery import app
 
-        cluster.wait_workers(["download", "gpu"], timeout=120)
-        console.print(f"workers up (logs in {workdir})")
-        res = app.send_task("collect_breeds", kwargs=kwargs)
-        return follow(dataset, timeout=args.timeout, entry=res)
+            cluster.wait_workers(["download", "gpu"], timeout=120)
+            console.print(f"workers up (logs in {workdir})")
+            res = app.send_task("collect_breeds", kwargs=kwargs)
+            return follow(dataset, timeout=args.timeout, entry=res)
+        except KeyboardInterrupt:
+            console.print("stopping the workers, then Redis and the replay service "
+                          "(an unfinished training resumes from its last epoch when the demo runs again)")
+            raise
 
 
 def follow(dataset: str, timeout: float, entry=None) -> int:

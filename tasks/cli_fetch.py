@@ -31,6 +31,10 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _count(n: int, one: str, many: str | None = None) -> str:
+    return f"{n} {one if n == 1 else many or one + 's'}"
+
+
 def register(subparsers) -> None:
     f = subparsers.add_parser(
         "fetch", help="download a URL list with the pipeline's download code path (JSON line per URL)",
@@ -58,16 +62,23 @@ def cmd_fetch(args) -> int:
 
     if args.urls or len(args.url) > 1:
         start_fork_server()  # its imports overlap with ours below
-    from workers.fetch import parse_networks
+    from workers.fetch import ENV_ALLOWED_NETWORKS, parse_networks
     from workers.store import LocalStore, open_store
 
     if bool(args.url) == bool(args.urls):
         print("atscale fetch: give URLs or --urls FILE (one of the two)", file=sys.stderr)
         return 2
     allowed = args.allowed_networks
+    # a bad CIDR fails here (ValueError -> exit 2), not in every worker
     if allowed is not None:
-        parse_networks(allowed)  # a bad CIDR fails here (ValueError -> exit 2), not in every worker
-    store = open_store(args.out)  # checks the URL and creates the folder
+        parse_networks(allowed, source="--allowed-networks")
+    else:
+        parse_networks(os.environ.get(ENV_ALLOWED_NETWORKS))
+    try:
+        store = open_store(args.out)  # checks the URL and creates the folder
+    except OSError as exc:
+        print(f"atscale fetch: cannot use {args.out!r} as the output folder: {exc.strerror or exc}", file=sys.stderr)
+        return 2
     store_root = store.url if isinstance(store, LocalStore) else None
     opts = FetchOptions(
         out=store.url if isinstance(store, LocalStore) else args.out,
@@ -85,7 +96,8 @@ def cmd_fetch(args) -> int:
     elif args.urls:
         path = Path(args.urls)
         if not path.is_file():
-            print(f"atscale fetch: no such file {args.urls!r}", file=sys.stderr)
+            what = "is a folder, not a file" if path.is_dir() else "does not exist"
+            print(f"atscale fetch: the URL list {args.urls!r} {what}", file=sys.stderr)
             return 2
         handle = path.open(encoding="utf-8", errors="replace")
         items = read_url_list(handle)  # (line number, URL), read lazily
@@ -113,7 +125,8 @@ def cmd_fetch(args) -> int:
             handle.close()
     s = runner.summary
     rejected = ", ".join(f"{k} {v}" for k, v in s.rejected.items()) or "none"
-    print(f"atscale fetch: {s.urls} URLs, {s.stored} stored, rejected: {rejected}; {s.seconds:.1f} s, "
-          f"{s.images_per_s:.1f} images/s ({s.processes} processes x {s.threads} threads); "
+    print(f"atscale fetch: {_count(s.urls, 'URL')}, {s.stored} stored, rejected: {rejected}; {s.seconds:.1f} s, "
+          f"{s.images_per_s:.1f} images/s ({_count(s.processes, 'process', 'processes')} x "
+          f"{_count(s.threads, 'thread')}); "
           f"peak RSS {s.peak_rss_mb.get('total')} MiB", file=sys.stderr)
     return 0

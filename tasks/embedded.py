@@ -150,21 +150,43 @@ class Cluster:
             time.sleep(0.5)
         raise TimeoutError(f"workers {names} did not answer within {timeout:.0f}s")
 
-    def stop(self, timeout: float = 15.0) -> None:
-        for _name, proc in reversed(self.procs):
-            if proc.poll() is None:
-                try:
-                    os.killpg(proc.pid, signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
+    SERVICES = ("redis", "replay")  # stopped last: a worker needs Redis to shut down cleanly
+
+    def stop(self, timeout: float = 15.0, worker_grace: float = 5.0) -> None:
+        """Workers and Flower first (SIGTERM: a warm shutdown; after ``worker_grace``
+        seconds SIGQUIT, Celery's cold shutdown, which leaves a running task unacknowledged
+        for a later worker), then Redis and the replay service; SIGKILL for anything still
+        there after ``timeout``."""
+        first = [p for n, p in reversed(self.procs) if n not in self.SERVICES]
+        last = [p for n, p in reversed(self.procs) if n in self.SERVICES]
+        self._stop_group(first, timeout, grace=(worker_grace, signal.SIGQUIT))
+        self._stop_group(last, timeout)
+        self.procs.clear()
+
+    @staticmethod
+    def _signal(proc: subprocess.Popen, sig: int) -> None:
+        if proc.poll() is None:
+            try:
+                os.killpg(proc.pid, sig)
+            except ProcessLookupError:
+                pass
+
+    def _stop_group(self, procs: list[subprocess.Popen], timeout: float,
+                    grace: tuple[float, int] | None = None) -> None:
+        for proc in procs:
+            self._signal(proc, signal.SIGTERM)
         end = time.time() + timeout
-        for _name, proc in reversed(self.procs):
+        if grace is not None:
+            seconds, sig = grace
+            soon = time.time() + seconds
+            for proc in procs:
+                try:
+                    proc.wait(max(0.1, soon - time.time()))
+                except subprocess.TimeoutExpired:
+                    self._signal(proc, sig)
+        for proc in procs:
             try:
                 proc.wait(max(0.1, end - time.time()))
             except subprocess.TimeoutExpired:
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+                self._signal(proc, signal.SIGKILL)
                 proc.wait()
-        self.procs.clear()

@@ -262,6 +262,12 @@ def test_read_url_list_is_lazy_and_numbers_lines():
     assert first == [(1, "http://h/1"), (2, "http://h/2"), (4, "http://h/4"), (5, "http://h/5")]
 
 
+def test_url_list_comments_whole_line_and_trailing():
+    lines = ["# the logos\n", "http://h/a.jpg   # the big one\n", "http://h/b.jpg#frag\n", "  \t\n",
+             "\thttp://h/c.jpg\t#tab\n", "   # indented comment\n"]
+    assert list(read_url_list(lines)) == [(2, "http://h/a.jpg"), (3, "http://h/b.jpg#frag"), (5, "http://h/c.jpg")]
+
+
 def test_runner_reads_the_list_as_it_goes(site, tmp_path):
     """Memory does not grow with the URL list: the runner pulls URLs only as fast as
     its bounded queue drains (here it is stopped after a few rows, with an endless list)."""

@@ -331,6 +331,16 @@ def test_16bit_grey_gradient_scaled_not_clipped(fmt):
     assert np.all(np.diff(row[4:-4].astype(int)) >= -3)  # monotonic gradient
 
 
+@pytest.mark.parametrize("bits", [10, 12])
+def test_16bit_file_of_a_10_or_12_bit_sensor_is_scaled_by_its_depth(bits):
+    top = 2**bits - 1  # what such a sensor's brightest pixel reads
+    arr = np.tile(np.linspace(0, top, 256).round().astype(np.uint16), (64, 1))
+    res = np.asarray(decode(normalise_image(encode(Image.fromarray(arr), "PNG")).data).convert("L"), dtype=np.int16)
+    row = res[32]
+    assert row[0] <= 8 and row[-1] >= 247  # its full range, not 0..4 (65535 -> 255 would store it black)
+    assert abs(int(row[128]) - 128) <= 8
+
+
 def test_32bit_int_and_float_grey():
     arr = gradient16().astype(np.int32)
     body = encode(Image.fromarray(arr, "I"), "TIFF")

@@ -152,12 +152,12 @@ class FetchResult:
 _SPLIT = re.compile(r"[\s,;]+")
 
 
-def parse_networks(text: str | None) -> tuple[Network, ...]:
+def parse_networks(text: str | None, source: str = ENV_ALLOWED_NETWORKS) -> tuple[Network, ...]:
     """Parse comma/space separated CIDRs (``"127.0.0.0/8, ::1/128"``).
 
     A bare address means a single host (/32 or /128).  Host bits are allowed
     and masked off (``10.1.2.3/8`` -> ``10.0.0.0/8``).  Raises
-    :class:`ValueError` naming the offending entry.
+    :class:`ValueError` naming the offending entry and where it came from (``source``).
     """
     if text is None:
         return ()
@@ -169,7 +169,7 @@ def parse_networks(text: str | None) -> tuple[Network, ...]:
             networks.append(ipaddress.ip_network(token, strict=False))
         except ValueError as exc:
             raise ValueError(
-                f"{ENV_ALLOWED_NETWORKS}: {token!r} is not a network in CIDR notation "
+                f"{source}: {token!r} is not a network in CIDR notation "
                 f"(expected e.g. '127.0.0.0/8, ::1/128'): {exc}"
             ) from None
     return tuple(networks)

@@ -21,6 +21,7 @@ import logging
 import multiprocessing as mp
 import os
 import queue
+import re
 import resource
 import sys
 import threading
@@ -99,11 +100,17 @@ class RunSummary:
 
 
 def read_url_list(lines: Iterable[str]) -> Iterator[tuple[int, str]]:
-    """(line number, URL) for each non-blank line that is not a ``#`` comment."""
+    """(line number, URL) for each line that is not blank or a ``#`` comment.
+
+    A ``#`` after white space starts a comment too (``http://h/a.jpg  # the logo``):
+    a URL holds no white space, and a ``#`` right after it is its fragment."""
     for number, line in enumerate(lines, 1):
-        url = line.strip()
+        url = _TRAILING_COMMENT.split(line, 1)[0].strip()
         if url and not url.startswith("#"):
             yield number, url
+
+
+_TRAILING_COMMENT = re.compile(r"\s#")
 
 
 def peak_rss_mb() -> float:

@@ -53,10 +53,10 @@ Pipeline, in order:
        compressed stream, ...).
 5. Mode conversion to RGB: CMYK/YCbCr/1/L -> RGB, P with transparency ->
    RGBA, alpha (LA/RGBA/PA/La/RGBa) composited onto white, 16-bit and 32-bit
-   greyscale (I;16*, I, F) scaled linearly to 8 bits (65535 -> 255; integer
-   images whose values all fit in 0..255 are kept as they are, float images
-   in 0..1 are multiplied by 255, anything outside 0..65535 is min-max
-   stretched) -- never clipped.
+   greyscale (I;16*, I, F) scaled linearly to 8 bits by the depth the samples
+   use (the largest value decides: <= 255 kept as it is, else 10, 12, 14 or 16
+   bits -> 255; float images in 0..1 are multiplied by 255, anything outside
+   0..65535 is min-max stretched) -- never clipped.
 6. Downscale with area averaging (``RESAMPLE``, Pillow's BOX: what OpenCV's
    INTER_AREA does) so the longest side is <= ``max_side`` (never upscale).
    JPEGs are decoded DCT-scaled by the smallest M/8 that keeps them >= the
@@ -324,25 +324,34 @@ def _open(body: bytes, fmt: str) -> Image.Image:
         return Image.open(io.BytesIO(body), formats=[fmt])
 
 
+_SENSOR_DEPTHS = (10, 12, 14, 16)  # bits per sample that 16-bit containers really carry
+
+
 def _scale_to_8bit(img: Image.Image) -> Image.Image:
-    """I;16*, I, F greyscale -> L, linear scaling, never clipping to white."""
+    """I;16*, I, F greyscale -> L, linear scaling, never clipping to white.
+
+    Integer samples are scaled by the depth they use: values up to 255 are kept as
+    they are; otherwise by the smallest of 10, 12, 14 or 16 bits that holds the
+    largest value (a 10- or 12-bit sensor's picture in a 16-bit file, values 0..1023,
+    would otherwise be stored nearly black); float images in 0..1 are multiplied by
+    255; anything else (signed, beyond 16 bits) is min-max stretched."""
     if img.mode.startswith("I;16"):
         arr = np.asarray(img).astype(np.uint32)  # handles the B/L/N variants
-        out = ((arr * 255 + 32767) // 65535).astype(np.uint8)
-        return Image.fromarray(out, "L")
-    arr = np.asarray(img, dtype=np.float64)
-    finite = np.isfinite(arr)
-    if not finite.all():
-        arr = np.where(finite, arr, 0.0)
+    else:
+        arr = np.asarray(img, dtype=np.float64)
+        finite = np.isfinite(arr)
+        if not finite.all():
+            arr = np.where(finite, arr, 0.0)
     lo, hi = (float(arr.min()), float(arr.max())) if arr.size else (0.0, 0.0)
     if img.mode == "F" and lo >= 0.0 and hi <= 1.0:
         scaled = arr * 255.0
     elif lo >= 0.0 and hi <= 255.0:
         scaled = arr
     elif lo >= 0.0 and hi <= 65535.0:
-        scaled = arr * (255.0 / 65535.0)
+        top = next(2**bits - 1 for bits in _SENSOR_DEPTHS if hi <= 2**bits - 1)
+        scaled = arr * (255.0 / top)
     else:  # signed or > 16-bit data: stretch the actual range
-        scaled = (arr - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(arr)
+        scaled = (arr - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(arr, dtype=np.float64)
     return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8), "L")
 
 
