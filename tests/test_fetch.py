@@ -626,7 +626,7 @@ def test_fetch_error_shape():
         FetchError("nope", "x")
     assert set(FETCH_REASONS) == {
         "bad_url", "bad_scheme", "blocked_address", "dns_error", "connect_error",
-        "timeout", "http_error", "too_large", "too_many_redirects",
+        "timeout", "http_error", "too_large", "too_many_redirects", "opted_out",
     }
 
 
@@ -850,3 +850,34 @@ def test_fetch_error_with_retry_after_pickles():
     err = FetchError("http_error", "HTTP 429", status=429, retry_after=7.0)
     back = pickle.loads(pickle.dumps(err))
     assert (back.reason, back.status, back.retry_after) == ("http_error", 429, 7.0)
+
+
+# ---------------------------------------------------------------------------
+# X-Robots-Tag: a site's opt-out is honoured
+# ---------------------------------------------------------------------------
+
+from workers.fetch import opt_out_directive  # noqa: E402
+
+
+def test_opt_out_directives_read_like_crawlers_do():
+    assert opt_out_directive(["noai"]) == "noai"
+    assert opt_out_directive(["noarchive, NoImageIndex"]) == "noimageindex"
+    assert opt_out_directive(["atscale: noimageai"]) == "noimageai"  # addressed to us
+    assert opt_out_directive(["googlebot: noindex"]) is None  # addressed to another crawler
+    assert opt_out_directive(["noarchive", "nofollow"]) is None
+    assert opt_out_directive(["unavailable_after: 25 Jun 2030 15:00:00 GMT"]) is None
+    assert opt_out_directive([]) is None
+
+
+def test_an_opted_out_image_is_rejected_and_not_retried(script_server):
+    srv = script_server({
+        "/noai.jpg": [(200, {"X-Robots-Tag": "noai"}, b"\xff\xd8\xff the pixels")],
+        "/other-bot.jpg": [(200, {"X-Robots-Tag": "otherbot: noindex"}, b"\xff\xd8\xff the pixels")],
+    })
+    with Fetcher(allowed_networks="127.0.0.0/8") as f:
+        err = fetch_error(f, srv.url("/noai.jpg"))
+        assert err.reason == "opted_out" and "X-Robots-Tag: noai" in err.detail
+        with pytest.raises(FetchError):
+            fetch_with_retries(f, srv.url("/noai.jpg"), RetryPolicy(attempts=3, base_delay=0.01))
+        assert f.get(srv.url("/other-bot.jpg")).body == b"\xff\xd8\xff the pixels"
+    assert len(srv.hits["/noai.jpg"]) == 2  # one GET each time: an opt-out is final, not transient

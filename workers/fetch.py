@@ -85,12 +85,37 @@ FETCH_REASONS: tuple[str, ...] = (
     "http_error",
     "too_large",
     "too_many_redirects",
+    "opted_out",
 )
 
 Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 Address = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
 
 _REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+
+# X-Robots-Tag directives by which a site says "not for AI training / not to be
+# indexed"; an answer carrying one is not stored (img2dataset's default list too)
+OPT_OUT_DIRECTIVES = frozenset({"noai", "noimageai", "noindex", "noimageindex"})
+ROBOTS_AGENT = "atscale"  # "X-Robots-Tag: atscale: noai" speaks to us; other agents' lines do not
+
+
+def opt_out_directive(values: Iterable[str], agent: str = ROBOTS_AGENT,
+                      disallowed: frozenset[str] = OPT_OUT_DIRECTIVES) -> str | None:
+    """The first disallowed directive in ``X-Robots-Tag`` header values, or None.
+
+    A value is a comma-separated list of directives, optionally led by a user agent
+    (``googlebot: noindex``); only lines for every agent or for ``agent`` count."""
+    for value in values:
+        text = value.strip().lower()
+        head, sep, rest = text.partition(":")
+        if sep and head.strip() and " " not in head.strip() and "," not in head:
+            if head.strip() != agent:
+                continue  # addressed to another crawler
+            text = rest
+        for directive in text.split(","):
+            if directive.strip() in disallowed:
+                return directive.strip()
+    return None
 _CHUNK = 256 * 1024
 
 
@@ -416,6 +441,10 @@ class Fetcher:
                     status=status,
                     retry_after=retry_after,
                 )
+            directive = opt_out_directive(response.headers.getlist("x-robots-tag"))
+            if directive is not None:
+                raise FetchError("opted_out", f"{redact_url(current)} answered X-Robots-Tag: {directive} "
+                                              f"(the site opts this image out of datasets)", status=status)
             body = self._read_body(response, current, started)
             consumed = True
             return FetchResult(
