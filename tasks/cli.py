@@ -132,7 +132,10 @@ def cmd_demo(args) -> int:
         kwargs["queries"] = args.queries
     if args.dataset is not None:
         kwargs["dataset"] = args.dataset
-    dataset = parse_request(kwargs).dataset  # checked before anything starts
+    req = parse_request(kwargs)  # checked before anything starts
+    if len(req.queries) < 2:
+        raise ValueError("the demo trains a classifier, which needs at least two classes: give two or more --queries")
+    dataset = req.dataset
     if "CELERY_BROKER_URL" in os.environ:
         check_broker(os.environ["CELERY_BROKER_URL"])
         console.print(f"using the Redis named by CELERY_BROKER_URL ({redact(os.environ['CELERY_BROKER_URL'])}); "

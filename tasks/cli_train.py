@@ -102,7 +102,7 @@ def cmd_train(args) -> int:
     store = _store()
     classes = sorted({m["label"] for m in read_manifest(store, dataset)})
     if len(classes) < 2:
-        raise ValueError(f"dataset {dataset!r} has {len(classes)} class(es) with images; need at least 2")
+        raise ValueError(f"dataset {dataset!r} has {len(classes)} {'class' if len(classes) == 1 else 'classes'} with images; need at least 2")
     built = check_buildable(spec, len(classes), with_weights=args.local)
     run = run_name(dataset, spec)
     rec = read_record(store, run) or {}

@@ -287,7 +287,8 @@ def finalize_dataset(self, dataset: str) -> dict:
                       val_percent=req.val_percent, search_notes=notes, page_failures=failures)
     with_images = [c for c, n in report["classes"].items() if n > 0]
     if len(with_images) < (2 if req.train else 1):
-        mark_failed(store, dataset, f"only {len(with_images)} class(es) have images; "
+        have = "no class has" if not with_images else "only 1 class has"
+        mark_failed(store, dataset, f"{have} images; "
                                     f"{'nothing to train' if req.train else 'nothing stored'} "
                                     f"(rejected: {report['rejected']}; failed pages: {len(failures)})")
         co.redis_retry(r.srem, ACTIVE, dataset)

@@ -384,7 +384,7 @@ def _train(store, dataset, run, spec: TrainSpec, *, cache_dir, progress, force, 
     t0 = time.time()
     classes, train_s, val_s, split_info = read_split(store, dataset, cache_dir, dist=dist)
     if len(classes) < 2:
-        raise ValueError(f"dataset {dataset!r} has {len(classes)} class(es) with images; need at least 2")
+        raise ValueError(f"dataset {dataset!r} has {len(classes)} {'class' if len(classes) == 1 else 'classes'} with images; need at least 2")
     if not train_s or not val_s:
         raise ValueError(f"dataset {dataset!r} needs images in both splits (train {len(train_s)}, val {len(val_s)})")
     k = len(classes)
