@@ -142,7 +142,7 @@ def cmd_demo(args) -> int:
                       "unset it for an embedded one")
 
     def on_term(signum, frame):
-        raise KeyboardInterrupt  # unwinds the Cluster context: everything started here is stopped
+        raise Terminated  # unwinds the Cluster context: everything started here is stopped
 
     signal.signal(signal.SIGTERM, on_term)
 
@@ -266,6 +266,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where Ctrl-C would be so that the same clean-up runs."""
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -273,6 +277,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         console.print(f"[red]{exc}[/]")
         return 2
+    except Terminated:
+        return 143  # 128 + SIGTERM, as a shell reports it
     except KeyboardInterrupt:
         return 130
     except Exception as exc:  # the CLI's boundary: a sentence, not a stack trace (ATSCALE_DEBUG=1 shows it)

@@ -153,10 +153,14 @@ class Cluster:
     SERVICES = ("redis", "replay")  # stopped last: a worker needs Redis to shut down cleanly
 
     def stop(self, timeout: float = 15.0, worker_grace: float = 5.0) -> None:
-        """Workers and Flower first (SIGTERM: a warm shutdown; after ``worker_grace``
-        seconds SIGQUIT, Celery's cold shutdown, which leaves a running task unacknowledged
-        for a later worker), then Redis and the replay service; SIGKILL for anything still
-        there after ``timeout``."""
+        """Workers and Flower first, then Redis and the replay service.
+
+        A worker gets SIGTERM (Celery's warm shutdown) and, after ``worker_grace``
+        seconds, SIGQUIT (its cold shutdown: a running task stays unacknowledged for a
+        later worker; a training resumes from its last epoch), both to its main process
+        only: its own children (a prefork pool, a DataLoader's workers) are its to stop,
+        and a signal to the whole group would kill a DataLoader under a training that
+        then reports a failure. Anything left after ``timeout``: SIGKILL to the group."""
         first = [p for n, p in reversed(self.procs) if n not in self.SERVICES]
         last = [p for n, p in reversed(self.procs) if n in self.SERVICES]
         self._stop_group(first, timeout, grace=(worker_grace, signal.SIGQUIT))
@@ -164,12 +168,16 @@ class Cluster:
         self.procs.clear()
 
     @staticmethod
-    def _signal(proc: subprocess.Popen, sig: int) -> None:
-        if proc.poll() is None:
-            try:
+    def _signal(proc: subprocess.Popen, sig: int, group: bool = False) -> None:
+        """``sig`` to the main process, or to every process left in its group (its
+        children may outlive it: the group is signalled even when it has exited)."""
+        try:
+            if group:
                 os.killpg(proc.pid, sig)
-            except ProcessLookupError:
-                pass
+            elif proc.poll() is None:
+                proc.send_signal(sig)
+        except ProcessLookupError:
+            pass
 
     def _stop_group(self, procs: list[subprocess.Popen], timeout: float,
                     grace: tuple[float, int] | None = None) -> None:
@@ -188,5 +196,6 @@ class Cluster:
             try:
                 proc.wait(max(0.1, end - time.time()))
             except subprocess.TimeoutExpired:
-                self._signal(proc, signal.SIGKILL)
-                proc.wait()
+                pass
+            self._signal(proc, signal.SIGKILL, group=True)  # whatever of its group is left
+            proc.wait()
