@@ -11,6 +11,7 @@ import ipaddress
 import logging
 import pickle
 import socket
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -44,6 +45,11 @@ class _Server(ThreadingHTTPServer):
         self.counter_lock = threading.Lock()
         self.stop = threading.Event()
         super().__init__(addr, _Handler)
+
+    def handle_error(self, request, client_address):
+        if isinstance(sys.exc_info()[1], ConnectionError):  # the client hung up on purpose: a body cut off
+            return
+        super().handle_error(request, client_address)
 
     def verify_request(self, request, client_address):  # called once per accepted TCP connection
         with self.counter_lock:
