@@ -66,7 +66,7 @@ from urllib3.exceptions import (
     SSLError,
 )
 
-from workers.slots import HostSlots  # noqa: F401 - part of this module's interface (Fetcher's per-host cap)
+from workers.slots import HostSlots
 
 log = logging.getLogger(__name__)
 
