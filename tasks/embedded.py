@@ -155,15 +155,18 @@ class Cluster:
     def stop(self, timeout: float = 15.0, worker_grace: float = 5.0) -> None:
         """Workers and Flower first, then Redis and the replay service.
 
-        A worker gets SIGTERM (Celery's warm shutdown) and, after ``worker_grace``
-        seconds, SIGQUIT (its cold shutdown: a running task stays unacknowledged for a
-        later worker; a training resumes from its last epoch), both to its main process
-        only: its own children (a prefork pool, a DataLoader's workers) are its to stop,
-        and a signal to the whole group would kill a DataLoader under a training that
-        then reports a failure. Anything left after ``timeout``: SIGKILL to the group."""
+        A worker gets SIGTERM (Celery's warm shutdown: it finishes what it is doing)
+        to its main process only -- its own children (a prefork pool, a DataLoader's
+        workers) are its to stop, and a signal to the whole group would kill a
+        DataLoader under a training that then reports a failure. A worker still busy
+        after ``worker_grace`` seconds (a training) is killed with its whole group: its
+        task stays unacknowledged, and a training resumes from its last finished epoch
+        when a worker takes it again. (Celery's cold shutdown, SIGQUIT, cannot cancel a
+        task in the threads pool of the gpu worker and logs errors and an abort.)
+        Services get SIGTERM, and SIGKILL after ``timeout``."""
         first = [p for n, p in reversed(self.procs) if n not in self.SERVICES]
         last = [p for n, p in reversed(self.procs) if n in self.SERVICES]
-        self._stop_group(first, timeout, grace=(worker_grace, signal.SIGQUIT))
+        self._stop_group(first, worker_grace)
         self._stop_group(last, timeout)
         self.procs.clear()
 
@@ -179,19 +182,11 @@ class Cluster:
         except ProcessLookupError:
             pass
 
-    def _stop_group(self, procs: list[subprocess.Popen], timeout: float,
-                    grace: tuple[float, int] | None = None) -> None:
+    def _stop_group(self, procs: list[subprocess.Popen], timeout: float) -> None:
+        """SIGTERM to each main process; after ``timeout`` SIGKILL to what is left of each group."""
         for proc in procs:
             self._signal(proc, signal.SIGTERM)
         end = time.time() + timeout
-        if grace is not None:
-            seconds, sig = grace
-            soon = time.time() + seconds
-            for proc in procs:
-                try:
-                    proc.wait(max(0.1, soon - time.time()))
-                except subprocess.TimeoutExpired:
-                    self._signal(proc, sig)
         for proc in procs:
             try:
                 proc.wait(max(0.1, end - time.time()))
