@@ -108,8 +108,9 @@ def opt_out_directive(values: Iterable[str], agent: str = ROBOTS_AGENT,
     for value in values:
         text = value.strip().lower()
         head, sep, rest = text.partition(":")
-        if sep and head.strip() and " " not in head.strip() and "," not in head:
-            if head.strip() != agent:
+        name = head.strip()
+        if sep and name and " " not in name and "," not in name:  # "googlebot: noindex"
+            if name != agent:
                 continue  # addressed to another crawler
             text = rest
         for directive in text.split(","):
